@@ -1,0 +1,268 @@
+"""Where tables live: one Parquet object per table (or per shard), in a local folder or on S3, written atomically.
+
+Every stage reads and writes through here, so a URI is all that passes between stages (`/data/run1/pairs.parquet`
+and `s3://bucket/run1/pairs.parquet` behave the same). Guarantees:
+
+- A reader sees the previous version or the new one, never a half-written table, even if the writer is SIGKILLed:
+  locally we write a hidden temporary file in the target folder, fsync it and `os.replace` it; on S3 one PUT (or one
+  multipart upload) becomes visible only when it completes.
+- Every table gets a sidecar `<uri>.manifest.json` (row count, schema version, sha256 of the Parquet bytes), written
+  after the table, so a manifest never describes bytes that are not there yet.
+- The S3 endpoint comes from `StorageOptions` or the environment (`LEANPO_S3_ENDPOINT_URL`, then `AWS_ENDPOINT_URL`);
+  credentials only from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (/ `AWS_SESSION_TOKEN`) or explicit options,
+  never from config files or instance metadata, and they never appear in an error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator, Mapping
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from leanpo_core import schemas
+
+MANIFEST_SUFFIX = ".manifest.json"
+SHARD_PREFIX = "part-"
+_SHARD_NAME = re.compile(re.escape(SHARD_PREFIX) + r"(\d+)\.parquet")
+_S3_SCHEMES = ("s3", "s3a")
+
+
+class StorageError(OSError):
+    """A storage location cannot be reached or written; the message names the URI (and endpoint), never secrets."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach S3. Unset fields fall back to the environment; local paths ignore all of this."""
+
+    endpoint_url: str | None = None
+    key: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    connect_timeout: float = 5.0  # seconds; a dead endpoint should fail a stage fast, not after botocore's 60 s
+    max_attempts: int = 3  # botocore "standard" retries; s3fs adds its own for throttling and dropped reads
+
+    def resolved(self) -> StorageOptions:
+        """Fill unset fields from the environment, read at call time so a changed environment takes effect."""
+        env = os.environ
+        return StorageOptions(
+            endpoint_url=self.endpoint_url or env.get("LEANPO_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL"),
+            key=self.key or env.get("AWS_ACCESS_KEY_ID"),
+            secret=self.secret or env.get("AWS_SECRET_ACCESS_KEY"),
+            token=self.token or env.get("AWS_SESSION_TOKEN"),
+            connect_timeout=self.connect_timeout,
+            max_attempts=self.max_attempts,
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a writer promises about one stored table; tasks return this instead of the data."""
+
+    uri: str
+    table: str
+    rows: int
+    schema_version: int
+    content_hash: str  # sha256 hex digest of the stored Parquet bytes
+    bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Manifest:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+def _split(uri: str) -> tuple[str, str]:
+    scheme, sep, rest = uri.partition("://")
+    return (scheme.lower(), rest) if sep else ("file", uri)
+
+
+def _is_s3(uri: str) -> bool:
+    return _split(uri)[0] in _S3_SCHEMES
+
+
+def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the fsspec filesystem for `uri` and the path to hand it (no scheme; absolute for local paths)."""
+    scheme, rest = _split(uri)
+    if scheme == "file":
+        return fsspec.filesystem("file"), os.path.abspath(rest)
+    if scheme not in _S3_SCHEMES:
+        raise StorageError(f"unsupported storage scheme {scheme!r} in {uri}: use a local path or s3://")
+    opts = (options or StorageOptions()).resolved()
+    creds = {"key": opts.key, "secret": opts.secret, "token": opts.token} if opts.key and opts.secret else {}
+    fs = fsspec.filesystem(
+        "s3",
+        # Without credentials go anonymous: botocore's own chain would read ~/.aws and probe instance metadata.
+        anon=not creds,
+        **creds,
+        endpoint_url=opts.endpoint_url,
+        # Another process may write shards at any time; a cached listing would hide them from a resuming stage.
+        use_listings_cache=False,
+        config_kwargs={"connect_timeout": opts.connect_timeout,
+                       "retries": {"max_attempts": opts.max_attempts, "mode": "standard"}},
+    )
+    return fs, rest.rstrip("/")
+
+
+def _endpoint(uri: str, options: StorageOptions | None) -> str:
+    if not _is_s3(uri):
+        return ""
+    endpoint = (options or StorageOptions()).resolved().endpoint_url
+    return f" (endpoint {endpoint or 'AWS default'})"
+
+
+def _scrub(text: str, options: StorageOptions | None) -> str:
+    opts = (options or StorageOptions()).resolved()
+    for secret in (opts.secret, opts.token, opts.key):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+@contextlib.contextmanager
+def _storage_errors(action: str, uri: str, options: StorageOptions | None, missing_ok: bool) -> Iterator[None]:
+    """Turn any backend failure (botocore and aiohttp errors are not OSErrors) into one StorageError."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as exc:
+        if missing_ok:
+            raise FileNotFoundError(errno.ENOENT, f"nothing stored at {uri}") from exc
+        raise StorageError(f"cannot {action} {uri}{_endpoint(uri, options)}: location does not exist") from exc
+    except Exception as exc:
+        detail = _scrub(f"{type(exc).__name__}: {exc}", options)
+        raise StorageError(f"cannot {action} {uri}{_endpoint(uri, options)}: {detail}") from exc
+
+
+def _write_local(path: str, data: bytes) -> None:
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    # Hidden name in the same folder: os.replace is atomic only within one filesystem, and listings skip dotfiles.
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & umask, unlike mkstemp's 0o600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable across a power loss
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _put_atomic(uri: str, data: bytes, options: StorageOptions | None) -> None:
+    fs, path = filesystem(uri, options)
+    with _storage_errors("write", uri, options, missing_ok=False):
+        if _is_s3(uri):
+            fs.pipe_file(path, data)  # one PUT, or a multipart upload that is invisible until completed
+        else:
+            _write_local(path, data)
+
+
+def _get(uri: str, options: StorageOptions | None) -> bytes:
+    """Fetch a whole object in one GET: ranged reads of an object being overwritten could mix two versions."""
+    fs, path = filesystem(uri, options)
+    with _storage_errors("read", uri, options, missing_ok=True):
+        return fs.cat_file(path)
+
+
+def write_table(data: pa.Table | Iterable[Mapping], uri: str, spec: schemas.TableSpec,
+                options: StorageOptions | None = None) -> Manifest:
+    """Conform `data` to `spec`, store it as zstd Parquet at `uri` atomically, then its manifest; return the manifest."""
+    table = schemas.conform(data, spec)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    payload = sink.getvalue()
+    del sink  # a frames table is large: hold one copy of its bytes during the upload, not two
+    _put_atomic(uri, payload, options)
+    manifest = Manifest(uri=uri, table=spec.name, rows=table.num_rows, schema_version=spec.version,
+                        content_hash=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
+    _put_atomic(uri + MANIFEST_SUFFIX, json.dumps(manifest.to_dict(), indent=2).encode(), options)
+    return manifest
+
+
+def read_table(uri: str, spec: schemas.TableSpec, options: StorageOptions | None = None) -> pa.Table:
+    """Read the table at `uri`; raise SchemaMismatch unless it was written as `spec` at `spec`'s version."""
+    table = pq.read_table(pa.BufferReader(_get(uri, options)))
+    return schemas.check_version(table, spec)
+
+
+def read_manifest(uri: str, options: StorageOptions | None = None) -> Manifest:
+    """Read the manifest of the table at `uri` (pass the table's URI, not the sidecar's).
+
+    The table is written before its manifest, so a writer killed in between leaves the previous manifest: compare
+    `content_hash` against the table's bytes where that matters.
+    """
+    return Manifest.from_dict(json.loads(_get(uri + MANIFEST_SUFFIX, options)))
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    """True if a table (or a folder / prefix of shards) is stored at `uri`."""
+    fs, path = filesystem(uri, options)
+    with _storage_errors("check", uri, options, missing_ok=True):
+        return fs.exists(path)
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with "/", whichever kind `root` is."""
+    pieces = [root.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
+    return "/".join(pieces)
+
+
+def list_uris(prefix: str, options: StorageOptions | None = None) -> list[str]:
+    """URIs of every stored file below `prefix` (a folder), sorted; temporaries and manifests are left out."""
+    fs, path = filesystem(prefix, options)
+    with _storage_errors("list", prefix, options, missing_ok=True):
+        found = fs.find(path)  # a missing prefix lists as empty; a table's own URI lists as itself
+    uris = []
+    for name in found:
+        relative = name[len(path):].lstrip("/")
+        if relative.endswith(MANIFEST_SUFFIX) or any(p.startswith(".") for p in relative.split("/")):
+            continue
+        uris.append(join_uri(prefix, relative))
+    return sorted(uris)
+
+
+def shard_uri(root_uri: str, shard_index: int) -> str:
+    """The URI of shard `shard_index` of the sharded table at `root_uri`."""
+    return join_uri(root_uri, f"{SHARD_PREFIX}{shard_index:05d}.parquet")
+
+
+def write_shard(rows: pa.Table | Iterable[Mapping], root_uri: str, spec: schemas.TableSpec, shard_index: int,
+                options: StorageOptions | None = None) -> Manifest:
+    """Write one shard atomically; a stage resumes by skipping shards whose manifest already exists."""
+    return write_table(rows, shard_uri(root_uri, shard_index), spec, options)
+
+
+def read_dataset(root_uri: str, spec: schemas.TableSpec, options: StorageOptions | None = None) -> pa.Table:
+    """Concatenate every shard under `root_uri` in shard order; FileNotFoundError if there is none."""
+    root = root_uri.rstrip("/") + "/"
+    shards = {}
+    for uri in list_uris(root_uri, options):
+        match = _SHARD_NAME.fullmatch(uri[len(root):])
+        if match:
+            shards[int(match.group(1))] = uri
+    if not shards:
+        raise FileNotFoundError(errno.ENOENT, f"no {spec.name!r} shards ({SHARD_PREFIX}*.parquet) under {root_uri}")
+    return pa.concat_tables([read_table(shards[i], spec, options) for i in sorted(shards)])

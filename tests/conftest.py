@@ -1,0 +1,21 @@
+"""Session-wide test environment: offline, single-threaded BLAS per process, throwaway Prefect/torch homes."""
+
+import os
+import tempfile
+
+pytest_plugins = ["tests.s3server"]
+
+_home = tempfile.mkdtemp(prefix="leanpo-tests-")
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_HOME": os.path.join(_home, "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "TORCH_EXTENSIONS_DIR": os.path.join(_home, "torch_extensions"),
+}.items():
+    os.environ.setdefault(key, value)
