@@ -208,6 +208,14 @@ def read_table(uri: str, spec: schemas.TableSpec, options: StorageOptions | None
     return schemas.check_version(table, spec)
 
 
+def read_any(uri: str, options: StorageOptions | None = None) -> tuple[pa.Table, schemas.TableSpec | None]:
+    """Read a stored table of any kind (for inspection) with the spec its metadata names, if it is one of ours."""
+    table = pq.read_table(pa.BufferReader(_get(uri, options)))
+    name = (table.schema.metadata or {}).get(schemas.TABLE_KEY, b"").decode()
+    spec = schemas.TABLES.get(name)
+    return (schemas.check_version(table, spec), spec) if spec else (table, None)
+
+
 def read_manifest(uri: str, options: StorageOptions | None = None) -> Manifest:
     """Read the manifest of the table at `uri` (pass the table's URI, not the sidecar's).
 

@@ -108,7 +108,9 @@ def naive_response_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     return (picked * mask).sum(-1), mask.sum(-1)
 
 
-def model_response_logps(model: nn.Module, inputs: dict, labels: Tensor, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
-    """Run a *ForConditionalGeneration model's backbone and score only response tokens (no full logits)."""
-    outputs = model.model(**inputs)
-    return response_logps(outputs.last_hidden_state, labels, model.get_output_embeddings(), chunk_size)
+def model_response_logps(model: nn.Module, inputs: dict, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+    """Score only the response tokens of `inputs` (an adapter's `encode` output, with labels); no full logits."""
+    from leanpo_core.models import backbone_hidden_states, output_projection
+
+    hidden = backbone_hidden_states(model, inputs)
+    return response_logps(hidden, inputs["labels"], output_projection(model), chunk_size)

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from leanpo_core.logps import IGNORE_INDEX, naive_response_logps, response_logps, token_logps
+from leanpo_core.logps import (
+    IGNORE_INDEX, model_response_logps, naive_response_logps, response_logps, token_logps,
+)
 from leanpo_core.loss import leanpo_loss
 
 
@@ -57,3 +59,17 @@ def test_prompt_positions_never_change_the_loss():
     assert loss_of(perturbed).item() == base.item()
     grad = torch.autograd.grad(base, hidden)[0]
     assert grad[~scored].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next_video", "llava_onevision"])
+@pytest.mark.parametrize("chunk_size", [0, 97])
+def test_toy_models_lean_equals_naive(family, chunk_size, loaded, video):
+    """On each family's toy model and real video frames: backbone + response-only head == full logits, to 1e-5."""
+    model, processor, adapter = loaded(family)
+    frames, meta = video
+    prompt = adapter.build_prompt(processor, "What moves in the video?")
+    inputs = adapter.encode(processor, frames, prompt, " A red square moves left.", meta=meta)
+    sums, counts = model_response_logps(model, inputs, chunk_size)
+    naive_sums, naive_counts = naive_response_logps(model(**inputs).logits, inputs["labels"])
+    assert counts.tolist() == naive_counts.tolist()
+    torch.testing.assert_close(sums, naive_sums, atol=1e-5, rtol=0)
