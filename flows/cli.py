@@ -1,6 +1,6 @@
 """`leanpo`: the command line for the common actions.
 
-    leanpo demo                       run the main job on the embedded default (toy model, synthetic clips)
+    leanpo demo                       the main job on the embedded default: toy model, synthetic clips, data refresh
     leanpo inspect URI [--rows 5]     schema, row count and first rows of any table the pipeline wrote (local or s3://)
     leanpo toy --family F --out DIR   build a tiny offline model of a family
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workdir", default="runs/demo", help="where tables, models and the Prefect database go "
                       "(default: runs/demo)")
     demo.add_argument("--family", default="qwen2_vl", help="toy model family (default: qwen2_vl)")
+    demo.add_argument("--videos", type=int, default=12, help="synthetic clips to generate (default: 12)")
 
     inspect = commands.add_parser("inspect", help="show a Parquet table's schema, row count and first rows")
     inspect.add_argument("uri", help="table location: a local path or s3://bucket/key")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     prefect_environment(args.workdir)
     from flows.demo import run_demo
 
-    run_demo(args.workdir, args.family)
+    run_demo(args.workdir, args.family, args.videos)
     return 0
 
 

@@ -274,3 +274,18 @@ def read_dataset(root_uri: str, spec: schemas.TableSpec, options: StorageOptions
     if not shards:
         raise FileNotFoundError(errno.ENOENT, f"no {spec.name!r} shards ({SHARD_PREFIX}*.parquet) under {root_uri}")
     return pa.concat_tables([read_table(shards[i], spec, options) for i in sorted(shards)])
+
+
+def dataset_manifest(root_uri: str, spec: schemas.TableSpec, options: StorageOptions | None = None) -> Manifest:
+    """One manifest for a sharded table: total rows and a hash over the shards' hashes in shard order.
+
+    Built from the shards' sidecar manifests (no table is read), so two runs that stored the same shards give the
+    same hash; `uri` is the dataset's folder and `bytes` the shards' total.
+    """
+    root = root_uri.rstrip("/") + "/"
+    shards = sorted((int(m.group(1)), uri) for uri in list_uris(root_uri, options)
+                    if (m := _SHARD_NAME.fullmatch(uri[len(root):])))
+    found = [read_manifest(uri, options) for _, uri in shards]
+    digest = hashlib.sha256("".join(f"{i}:{m.content_hash};" for (i, _), m in zip(shards, found)).encode())
+    return Manifest(uri=root_uri, table=spec.name, rows=sum(m.rows for m in found), schema_version=spec.version,
+                    content_hash=digest.hexdigest(), bytes=sum(m.bytes for m in found))

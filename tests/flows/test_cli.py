@@ -18,18 +18,25 @@ def leanpo(*args: str, env: dict | None = None, timeout: int = 600) -> subproces
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def test_demo_runs_through_prefect_and_writes_readable_tables(tmp_path):
+def test_demo_runs_the_data_refresh_through_prefect(tmp_path):
+    """The README's first command end to end (less the set-up): toy model, synthetic clips, a data-refresh round."""
     workdir = tmp_path / "demo"
-    env = {"PREFECT_HOME": str(workdir / ".prefect")}  # the CLI's own default, made explicit for the assertion
-    proc = leanpo("demo", "--workdir", str(workdir), env=env)
+    proc = leanpo("demo", "--workdir", str(workdir), "--videos", "6")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Finished in state Completed()" in proc.stdout + proc.stderr
-    pairs = io.read_table(str(workdir / "pairs.parquet"), schemas.PAIRS)
-    assert pairs.num_rows == 2 and all(pairs.column("kept").to_pylist())
-    metrics = io.read_table(str(workdir / "train/smoke/metrics.parquet"), schemas.TRAIN_METRICS).to_pylist()[0]
-    assert metrics["loss"] > 0 and metrics["logps/chosen"] < 0
-    assert f"leanpo inspect {workdir / 'pairs.parquet'}" in proc.stdout
-    assert (workdir / ".prefect" / "prefect.db").exists()  # the run is kept for `prefect server start` to show
+    round0 = workdir / "round-0"
+    videos = io.read_table(str(round0 / "videos.parquet"), schemas.VIDEOS)
+    frames = io.read_dataset(str(round0 / "frames"), schemas.FRAMES)
+    samples = io.read_dataset(str(round0 / "samples"), schemas.SAMPLES)
+    scored = io.read_dataset(str(round0 / "scored"), schemas.SCORED)
+    pairs = io.read_table(str(round0 / "pairs.parquet"), schemas.PAIRS)
+    assert videos.num_rows > 0 and set(videos.column("split").to_pylist()) == {"train"}
+    assert frames.num_rows == videos.num_rows  # one clip per question in the demo
+    assert samples.num_rows == scored.num_rows == 4 * videos.num_rows  # 2 candidates x 2 sides
+    assert pairs.num_rows == videos.num_rows
+    for pair in pairs.to_pylist():  # every pair is kept, or dropped with a reason
+        assert pair["kept"] or pair["drop_reason"]
+    assert f"leanpo inspect {round0 / 'pairs.parquet'}" in proc.stdout
+    assert (workdir / ".prefect" / "prefect.db").exists()  # kept for `prefect server start` to show the run
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -1,0 +1,97 @@
+"""Prefect tasks of the data refresh: ingest -> frames -> sample -> reflect -> pairs (thin wrappers, URIs in and out).
+
+Each task validates its config (pydantic already did, when the flow received it), calls one `leanpo_core` stage,
+publishes the table it wrote as artifacts, and returns the table's manifest as a dict. Sampling and scoring hold a
+model, so they run as `python -m leanpo_core.<stage>` children the task owns (`leanpo_core.launch`), inside the
+"gpu" concurrency slot of the host. Every stage resumes shard by shard, so a retry redoes only unfinished shards.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.concurrency.sync import concurrency
+from prefect.tasks import exponential_backoff
+
+from leanpo_core import io, schemas
+from leanpo_core.config import FramesConfig, PairsConfig, ReflectConfig, SampleConfig, StageConfig
+from leanpo_core.launch import run_module
+from leanpo_core.layout import RunLayout
+from tasks.common import publish_table, transient_only
+
+RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=10), "retry_condition_fn":
+           transient_only}
+
+
+def _run_stage(module: str, config: StageConfig, args: list[str], timeout_s: float | None = None) -> None:
+    logger = get_run_logger()
+    with tempfile.TemporaryDirectory(prefix="leanpo-") as folder:
+        config_file = Path(folder) / "config.json"
+        config_file.write_text(config.model_dump_json())
+        run_module(module, ["--config", str(config_file), *args], timeout_s=timeout_s, log=logger.info)
+
+
+@task(name="ingest", **RETRIES)
+def ingest(manifest_uri: str, root: str, split: str | None = "train", video_root: str | None = None) -> dict:
+    """Validate the video-QA manifest (CSV, JSONL, Parquet or LLaVA-Hound jsonl) into the run's videos table."""
+    from leanpo_core.videos import read_videos, write_videos
+
+    rows = read_videos(manifest_uri, video_root=video_root)
+    if split:
+        rows = [r for r in rows if r.get("split") in (split, None)]
+    if not rows:
+        raise ValueError(f"{manifest_uri}: no rows with split {split!r}")
+    manifest = write_videos(rows, RunLayout(root).videos)
+    publish_table(manifest, schemas.VIDEOS)
+    return manifest.to_dict()
+
+
+@task(name="frames", **RETRIES)
+def frames(root: str, config: FramesConfig) -> dict:
+    """Decode each distinct video once into sampled frames; undecodable videos become failure rows."""
+    from leanpo_core.frames import run_frames
+
+    layout = RunLayout(root)
+    result = run_frames(layout.videos, layout.frames, layout.failures("frames"), config, progress=False)
+    get_run_logger().info(f"frames: {result.decoded} decoded, {result.failed} failed, "
+                          f"{result.skipped_shards} shard(s) already done")
+    manifest = io.dataset_manifest(layout.frames, schemas.FRAMES)
+    publish_table(manifest, schemas.FRAMES)
+    return manifest.to_dict()
+
+
+@task(name="sample", **RETRIES)
+def sample(root: str, config: SampleConfig, timeout_s: float | None = None) -> dict:
+    """Prior-infused sampling with the generator (hint + self-reflection wins, lean augmented view loses)."""
+    layout = RunLayout(root)
+    with concurrency("gpu", occupy=1, strict=False):
+        _run_stage("leanpo_core.sample", config, ["--videos", layout.videos, "--frames", layout.frames,
+                                                  "--out", layout.samples, "--failures", layout.failures("sample"),
+                                                  "--no-progress"], timeout_s)
+    manifest = io.dataset_manifest(layout.samples, schemas.SAMPLES)
+    publish_table(manifest, schemas.SAMPLES)
+    return manifest.to_dict()
+
+
+@task(name="reflect", **RETRIES)
+def reflect(root: str, config: ReflectConfig, model: str, timeout_s: float | None = None) -> dict:
+    """Score every candidate: self-judgement, token F1 against the answer, SFT mean log-prob; rank per side."""
+    with concurrency("gpu", occupy=1, strict=False):
+        _run_stage("leanpo_core.reflect", config, ["--model", model, "--root", root], timeout_s)
+    layout = RunLayout(root)
+    manifest = io.dataset_manifest(layout.scored, schemas.SCORED)
+    publish_table(manifest, schemas.SCORED)
+    return manifest.to_dict()
+
+
+@task(name="pairs", **RETRIES)
+def pairs(root: str, config: PairsConfig) -> dict:
+    """Chosen = best winning candidate, rejected = worst losing one; drops kept with their reason."""
+    from leanpo_core.pairs import run_pairs
+
+    layout = RunLayout(root)
+    manifest = run_pairs(layout.videos, layout.frames, layout.scored, layout.pairs, config)
+    publish_table(manifest, schemas.PAIRS)
+    return manifest.to_dict()
