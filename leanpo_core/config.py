@@ -32,7 +32,8 @@ class FramesConfig(StageConfig):
 
     sampling: Literal["uniform", "fps"] = Field("uniform", description="uniform: `num_frames` evenly spaced "
                                                 "frames; fps: one frame every 1/`fps` seconds, at most `max_frames`.")
-    num_frames: int = Field(16, ge=1, le=1024, description="Frames per video with uniform sampling.")
+    num_frames: int = Field(16, ge=1, le=8192, description="Frames per video with uniform sampling (at least the "
+                            "video's frame count keeps every frame).")
     fps: float = Field(1.0, gt=0, le=120, description="Sampling rate for fps sampling (frames per second).")
     max_frames: int = Field(32, ge=1, le=1024, description="Cap on frames per video with fps sampling.")
     min_frames: int = Field(2, ge=1, le=1024, description="Floor on frames with fps sampling (short clips).")
@@ -84,6 +85,9 @@ class SampleConfig(StageConfig):
             raise ValueError("aug_crop_scale_min must not exceed aug_crop_scale_max")
         if self.aug_blur_sigma_min > self.aug_blur_sigma_max:
             raise ValueError("aug_blur_sigma_min must not exceed aug_blur_sigma_max")
+        if 2 * self.max_new_tokens >= self.max_model_len:  # the reflection prompt carries a whole hint reply
+            raise ValueError(f"max_model_len ({self.max_model_len}) must exceed twice max_new_tokens "
+                             f"({self.max_new_tokens}): the reflection turn reads one reply and writes another")
         return self
 
 
@@ -97,6 +101,10 @@ class ReflectConfig(StageConfig):
     sft_logp_weight: float = Field(0.0, ge=0, description="Weight of the SFT model's mean log-prob in the score.")
     sft_model: str = Field("", description="Model that scores likelihood; empty: the sampling model.")
     batch_size: int = Field(8, ge=1, description="Candidates per likelihood forward.")
+    backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="Judge's generation engine; "
+                                                             "auto: vLLM wherever it imports.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the SFT model scores (always fp32); "
+                                                   "auto: cuda when available.")
 
 
 class PairsConfig(StageConfig):
@@ -104,7 +112,8 @@ class PairsConfig(StageConfig):
 
     trust_filter: bool = Field(True, description="Keep a pair only if the SFT model's rbar(chosen) > rbar(rejected).")
     min_trust_gap: float = Field(0.0, ge=0, description="Required rbar(chosen) - rbar(rejected) under the filter.")
-    min_score_margin: float = Field(0.0, description="Required score(chosen) - score(rejected).")
+    min_score_margin: float | None = Field(None, description="Required score(chosen) - score(rejected); empty: no "
+                                           "score filter (the paper's construction, which K = 1 reproduces).")
 
 
 class TrainConfig(StageConfig):

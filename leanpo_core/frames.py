@@ -1,20 +1,45 @@
-"""Frames: a video becomes the (T, H, W, 3) uint8 frames the model sees, with the indices that were sampled.
+r"""Frames: a video becomes the (T, H, W, 3) uint8 frames the model sees, decoded once and stored in the frames table.
 
-decord first (random access, fast seeks); PyAV when decord cannot open or read the file (some real files, e.g.
-mpeg1 or theora, decode only with PyAV; PyAV also skips corrupt packets where decord stops). Sampling is uniform
-(the centre of each of N equal segments, as LLaVA-Video and Qwen2-VL evaluation code do) or fps-capped.
+decord first (random access, fast seeks); PyAV when decord cannot open or read the file, or reports frame timestamps
+that make its seeks untrustworthy (MPEG-PS .mpg: decord opens it, then returns wrong frames silently). A folder of
+jpg/png frames, as LLaVA-Hound ships its videos, is read directly (decoder "folder"). Sampling is uniform (the centre
+of each of N equal segments, as LLaVA-Video and Qwen2-VL evaluation code do) or fps-capped; frames are downscaled
+inside the decoder (swscale / decord's scaler), which costs less than converting full-size frames to RGB.
 
-    python -m leanpo_core.frames VIDEO [--num-frames 16]      # prints what would be stored
+The stage (`run_frames`) reads the videos table, decodes each distinct video once, and writes one frames shard and
+one failures shard per `shard_size` videos. Decoding runs in one long-lived worker process, so a video that hangs
+(a stalled mount, a FIFO) is killed after `timeout_s` and the batch goes on; the worker is restarted only then.
+
+    python -m leanpo_core.frames run --videos runs/r1/videos.parquet --out runs/r1/frames \
+        --failures runs/r1/failures/frames [--config frames.yaml]    # also s3:// URIs
+    python -m leanpo_core.frames [probe] VIDEO [--num-frames 16]       # prints what would be stored
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
-from leanpo_core.config import FramesConfig
+from leanpo_core import io, schemas
+from leanpo_core.config import ConfigError, FramesConfig
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_WORKER_START_TIMEOUT_S = 120.0  # a cold start imports numpy, pyarrow, av and decord
 
 
 class DecodeError(RuntimeError):
@@ -25,13 +50,13 @@ class DecodeError(RuntimeError):
 class DecodedVideo:
     frames: np.ndarray          # (T, H, W, 3) uint8, resized so the longer side <= max_side
     frame_indices: list[int]
-    timestamps: list[float]     # seconds
-    fps: float
+    timestamps: list[float]     # seconds (NaN for frame folders: they carry no clock)
+    fps: float                  # 0.0 when unknown (frame folders)
     duration: float
     num_frames_total: int
     width: int                  # of the source
     height: int
-    decoder: str
+    decoder: str                # decord | pyav | folder
 
 
 def uniform_indices(total: int, num: int) -> list[int]:
@@ -54,31 +79,51 @@ def sample_indices(total: int, video_fps: float, config: FramesConfig) -> list[i
     return fps_indices(total, video_fps, config)
 
 
-def resize_longer_side(frames: np.ndarray, max_side: int) -> np.ndarray:
-    """Downscale (T, H, W, 3) so max(H, W) <= max_side, keeping the aspect ratio; never upscales."""
-    height, width = frames.shape[1:3]
-    scale = max_side / max(height, width)
-    if scale >= 1:
-        return frames
-    from PIL import Image
+def sampling_label(config: FramesConfig) -> str:
+    """The `sampling` column: "uniform:16" or "fps:1.0:min2:max32"."""
+    if config.sampling == "uniform":
+        return f"uniform:{config.num_frames}"
+    return f"fps:{config.fps:g}:min{config.min_frames}:max{config.max_frames}"
 
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC)) for f in frames])
+
+def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) after downscaling so the longer side is at most max_side, aspect kept; never upscales."""
+    scale = max_side / max(width, height)
+    if scale >= 1:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _stream_size(path: str) -> tuple[int, int]:
+    import av
+
+    try:
+        with av.open(path) as container:  # reads the header only
+            context = container.streams.video[0].codec_context
+            return context.width, context.height
+    except Exception as exc:
+        raise DecodeError(f"unreadable header ({type(exc).__name__}: {exc})") from exc
 
 
 def _decode_decord(path: str, config: FramesConfig) -> DecodedVideo:
     import decord
 
-    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    # decord exposes no frame size before decoding, so PyAV reads it from the header to let decord's own scaler
+    # produce the output size (a separate resize of full-size RGB frames costs more than the decode).
+    width, height = _stream_size(path)
+    out_w, out_h = output_size(width, height, config.max_side)
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), width=out_w, height=out_h, num_threads=1)
     total, fps = len(reader), float(reader.get_avg_fps() or 0.0)
     if total == 0:
         raise DecodeError("decord: no frames")
     indices = sample_indices(total, fps, config)
+    stamps = np.asarray(reader.get_frame_timestamp(indices), dtype=np.float64).reshape(-1, 2)[:, 0]
+    # decord seeks by these timestamps; garbage (MPEG-PS gives -1e14) means get_batch returns the wrong frames.
+    if not (np.isfinite(stamps).all() and stamps.min() > -1.0 and (np.diff(stamps) > 0).all()):
+        raise DecodeError(f"decord: unreliable frame timestamps {stamps[:3].tolist()}, its seeks would be wrong")
     frames = reader.get_batch(indices).asnumpy()
-    stamps = [float(reader.get_frame_timestamp(i)[0]) for i in indices]
-    height, width = frames.shape[1:3]
-    return DecodedVideo(resize_longer_side(frames, config.max_side), indices, stamps, fps,
-                        total / fps if fps else 0.0, total, width, height, "decord")
+    return DecodedVideo(frames, indices, stamps.tolist(), fps, total / fps if fps else 0.0, total, width, height,
+                        "decord")
 
 
 def _decode_pyav(path: str, config: FramesConfig) -> DecodedVideo:
@@ -93,6 +138,9 @@ def _decode_pyav(path: str, config: FramesConfig) -> DecodedVideo:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        width, height = stream.codec_context.width, stream.codec_context.height
+        out_w, out_h = output_size(width, height, config.max_side)
         indices = sample_indices(total, fps, config)
         wanted, frames, stamps, index = set(indices), [], [], 0
         for packet in container.demux(stream):
@@ -101,17 +149,17 @@ def _decode_pyav(path: str, config: FramesConfig) -> DecodedVideo:
             except av.error.InvalidDataError:
                 continue  # a corrupt packet: keep going, the remaining frames usually decode
             for frame in decoded:
-                if index in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    stamps.append(float(frame.time or 0.0))
+                if index in wanted:  # scale and convert in one swscale pass (AREA: cheap, no aliasing)
+                    frames.append(frame.to_ndarray(width=out_w, height=out_h, format="rgb24", interpolation="AREA"))
+                    stamps.append((frame.time if frame.time is not None else start) - start)  # as decord
                 index += 1
+            if index > indices[-1]:
+                break  # past the last wanted frame: decoding the tail would only be thrown away
     if not frames:
         raise DecodeError("pyav: no decodable frames")
     kept = [i for i in indices if i < index][: len(frames)]
-    array = np.stack(frames)
-    height, width = array.shape[1:3]
-    return DecodedVideo(resize_longer_side(array, config.max_side), kept, stamps, fps,
-                        total / fps if fps else 0.0, total, width, height, "pyav")
+    return DecodedVideo(np.stack(frames), kept, stamps, fps, total / fps if fps else 0.0, total, width, height,
+                        "pyav")
 
 
 def decode_video(path: str, config: FramesConfig | None = None) -> DecodedVideo:
@@ -127,15 +175,347 @@ def decode_video(path: str, config: FramesConfig | None = None) -> DecodedVideo:
     raise DecodeError(f"cannot decode {path}: " + "; ".join(reasons))
 
 
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def decode_folder(folder: str, config: FramesConfig | None = None,
+                  options: io.StorageOptions | None = None) -> DecodedVideo:
+    """Sample a folder of extracted frames (jpg/png, in natural name order), local or on S3."""
+    from PIL import Image
+
+    config = config or FramesConfig()
+    fs, path = io.filesystem(folder, options)
+    names = sorted((p for p in fs.ls(path, detail=False) if p.lower().endswith(_IMAGE_SUFFIXES)),
+                   key=lambda p: _natural_key(p.rsplit("/", 1)[-1]))
+    if not names:
+        raise DecodeError(f"folder: no {'/'.join(_IMAGE_SUFFIXES)} images in {folder}")
+    indices = sample_indices(len(names), 0.0, config)  # no frame rate: fps sampling falls back to min_frames
+    images = []
+    for i in indices:
+        with fs.open(names[i], "rb") as f:
+            images.append(Image.open(f).convert("RGB"))
+    width, height = images[0].size
+    size = output_size(width, height, config.max_side)
+    frames = np.stack([np.asarray(im if im.size == size else im.resize(size, Image.BICUBIC)) for im in images])
+    return DecodedVideo(frames, indices, [float("nan")] * len(indices), 0.0, 0.0, len(names), width, height,
+                        "folder")
+
+
+def decode(video: str, config: FramesConfig | None = None, options: io.StorageOptions | None = None) -> DecodedVideo:
+    """Decode any input the videos table may name: a video file or a frames folder, local or s3://."""
+    config = config or FramesConfig()
+    fs, path = io.filesystem(video, options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no such video file or frames folder: {video}")
+    if fs.isdir(path):
+        return decode_folder(video, config, options)
+    if isinstance(fs, LocalFileSystem):
+        return decode_video(path, config)
+    with tempfile.TemporaryDirectory(prefix="leanpo-frames-") as tmp:  # decord and PyAV want a seekable local file
+        local = os.path.join(tmp, os.path.basename(path))
+        fs.get_file(path, local)
+        return decode_video(local, config)
+
+
+def video_key(video: str, config: FramesConfig) -> str:
+    """The frames table's key of `video` under `config`: sha256 of the video path/URI and the config hash.
+
+    The key names the path, not the bytes (hashing every video would cost a full read): replace a video by writing
+    it under a new path. Any config change, operational fields included, gives new keys, so frames stored under
+    another config can never be taken for current ones.
+    """
+    return hashlib.sha256(f"{video}\n{config.config_hash()}".encode()).hexdigest()[:16]
+
+
+class VideoFailed(Exception):
+    """One video could not be turned into frames; carries what the failures table records."""
+
+    def __init__(self, error_type: str, message: str, trace: str | None = None):
+        super().__init__(f"{error_type}: {message}")
+        self.error_type, self.message, self.trace = error_type, message, trace
+
+
+def _worker_main(fd: int) -> None:
+    """The decode worker's loop: receives (config, options) once, then video URIs; answers meta + raw frames."""
+    conn = Connection(fd)
+    config_json, options = conn.recv()
+    config = FramesConfig.model_validate_json(config_json)
+    import av  # noqa: F401  imported before "ready", so no video's time limit pays for it
+    import decord  # noqa: F401
+
+    conn.send("ready")
+    while (video := conn.recv()) is not None:
+        try:
+            decoded = decode(video, config, options)
+        except Exception as exc:
+            conn.send(("error", type(exc).__name__, str(exc), traceback.format_exc()))
+            continue
+        frames = np.ascontiguousarray(decoded.frames)
+        meta = {f.name: getattr(decoded, f.name) for f in fields(decoded) if f.name != "frames"}
+        conn.send(("ok", {**meta, "frames_shape": list(frames.shape)}))
+        conn.send_bytes(memoryview(frames).cast("B"))  # raw, unpickled: becomes the `frames` cell as it is
+
+
+class DecodeWorker:
+    """One long-lived decode process, used for every video of a run and replaced only after a timeout or crash.
+
+    A process per video would cost a ~0.3 s interpreter start each; a thread cannot be killed when a decoder hangs
+    inside C code. The worker is a fresh `python -m leanpo_core.frames _worker` (not a fork: the parent may hold
+    threads, e.g. s3fs's event loop, and not multiprocessing's spawn: that re-imports the caller's __main__).
+    """
+
+    def __init__(self, config: FramesConfig, options: io.StorageOptions | None = None):
+        self.config, self.options = config, options
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> DecodeWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> None:
+        """Start the worker and wait until it has imported its decoders (done lazily by `decode` otherwise)."""
+        import socket
+
+        parent, child = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen([sys.executable, "-m", "leanpo_core.frames", "_worker", str(child.fileno())],
+                                      pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env)
+        child.close()
+        self._conn = Connection(parent.detach())
+        self._conn.send((self.config.model_dump_json(), self.options))
+        if not self._conn.poll(_WORKER_START_TIMEOUT_S):
+            self.close()
+            raise RuntimeError(f"the frames decode worker did not start within {_WORKER_START_TIMEOUT_S:.0f} s")
+        try:
+            self._conn.recv()
+        except EOFError:
+            code = self._proc.wait()
+            self.close()
+            raise RuntimeError(f"the frames decode worker exited with code {code} at start (its stderr says why)") \
+                from None
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()  # SIGKILL: a decoder stuck in C ignores anything gentler
+            self._proc.wait()
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def decode(self, video: str) -> tuple[dict, bytes]:
+        """(metadata, raw frames bytes) of `video`; raises VideoFailed (error, timeout or crash of the worker)."""
+        if self._proc is None:
+            self.start()
+        try:
+            self._conn.send(video)
+        except OSError:  # the idle worker died since the last video (e.g. the OOM killer): start another
+            self.close()
+            self.start()
+            self._conn.send(video)
+        if not self._conn.poll(self.config.timeout_s):
+            self.close()
+            raise VideoFailed("TimeoutError", f"decoding took longer than timeout_s={self.config.timeout_s:g} s; "
+                              "the decode worker was killed")
+        try:
+            reply = self._conn.recv()
+            if reply[0] == "error":
+                raise VideoFailed(*reply[1:])
+            return reply[1], self._conn.recv_bytes()
+        except (EOFError, OSError):
+            code = self._proc.wait()
+            self.close()
+            raise VideoFailed("WorkerCrashed", f"the decode worker died (exit code {code}) while decoding") from None
+
+
+@dataclass
+class FramesResult:
+    """What `run_frames` wrote: one frames and one failures manifest per shard (shard order) and the counts."""
+
+    manifests: list[io.Manifest] = field(default_factory=list)
+    failure_manifests: list[io.Manifest] = field(default_factory=list)
+    videos: int = 0          # distinct videos in the shards run
+    decoded: int = 0         # in shards processed now
+    failed: int = 0          # in shards processed now
+    skipped_shards: int = 0  # already done (resume)
+
+
+def _column(uri: str, name: str, options: io.StorageOptions | None) -> list:
+    import pyarrow.parquet as pq
+
+    fs, path = io.filesystem(uri, options)
+    with fs.open(path, "rb") as f:  # one column: a resume check must not download every shard's pixels
+        return pq.ParquetFile(f).read(columns=[name]).column(name).to_pylist()
+
+
+def _shard_done(frames_uri: str, failures_uri: str, keys: list[str], options: io.StorageOptions | None) -> bool:
+    """Done: both shards and manifests exist, the manifest describes the stored bytes, and the keys match the plan."""
+    try:
+        for uri in (failures_uri, frames_uri):
+            manifest = io.read_manifest(uri, options)
+            fs, path = io.filesystem(uri, options)
+            if fs.size(path) != manifest.bytes:  # killed between table and manifest: the manifest is stale
+                return False
+    except FileNotFoundError:
+        return False
+    stored = _column(frames_uri, "video_key", options) + _column(failures_uri, "id", options)
+    return sorted(stored) == sorted(keys)
+
+
+def _failure_row(video: str, key: str, failure: VideoFailed) -> dict:
+    return {"stage": "frames", "id": key, "video": video, "error_type": failure.error_type,
+            "message": failure.message, "traceback": failure.trace, "attempt": 1,
+            "created_at": datetime.now(timezone.utc)}
+
+
+def run_frames(videos_uri: str, frames_uri: str, failures_uri: str, config: FramesConfig | None = None,
+               options: io.StorageOptions | None = None, shards: list[int] | None = None,
+               progress: bool = True) -> FramesResult:
+    """Decode every distinct video of the videos table into frames shards; failures go to the failures table.
+
+    Shard i holds distinct videos [i * shard_size, (i + 1) * shard_size) in first-appearance order, so the plan
+    depends only on the videos table and the config. `shards` limits the run to those shard indices (for mapping
+    shards over workers). A shard already done under the same config is skipped. Frames rows carry no clock
+    time, so the same inputs give byte-identical frames shards; failure rows record when they happened.
+    """
+    from rich.progress import MofNCompleteColumn, Progress
+
+    config = config or FramesConfig()
+    table = io.read_table(videos_uri, schemas.VIDEOS, options)
+    videos = list(dict.fromkeys(table.column("video").to_pylist()))  # several questions can share one video
+    size = config.shard_size
+    plan = {i: videos[i * size:(i + 1) * size] for i in range((len(videos) + size - 1) // size)}
+    selected = sorted(plan) if shards is None else sorted(set(shards))
+    unknown = [i for i in selected if i not in plan]
+    if unknown:
+        raise ValueError(f"shard(s) {unknown} do not exist: {videos_uri} plans {len(plan)} shard(s)")
+    result = FramesResult(videos=sum(len(plan[i]) for i in selected))
+    stored: dict[int, Future | tuple[io.Manifest, io.Manifest]] = {}
+    pending: Future | None = None
+    # One writer thread: Parquet encoding, hashing and upload of shard i overlap the decoding of shard i + 1
+    # (pyarrow, hashlib and file/socket writes release the GIL). At most one finished shard waits in memory.
+    with DecodeWorker(config, options) as worker, ThreadPoolExecutor(1, thread_name_prefix="frames-writer") as writer, \
+            Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not progress) as bar:
+        task = bar.add_task("frames", total=result.videos)
+        for index in selected:
+            keys = [video_key(v, config) for v in plan[index]]
+            frames_shard, failures_shard = io.shard_uri(frames_uri, index), io.shard_uri(failures_uri, index)
+            if _shard_done(frames_shard, failures_shard, keys, options):
+                stored[index] = (io.read_manifest(frames_shard, options), io.read_manifest(failures_shard, options))
+                result.skipped_shards += 1
+                bar.advance(task, len(keys))
+                continue
+            rows, failures = [], []
+            for video, key in zip(plan[index], keys):
+                try:
+                    meta, pixels = worker.decode(video)
+                    rows.append({**meta, "frames": pixels, "video_key": key, "video": video,
+                                 "sampling": sampling_label(config), "config_hash": config.config_hash()})
+                except VideoFailed as failure:
+                    failures.append(_failure_row(video, key, failure))
+                bar.update(task, advance=1, description=f"frames ({result.failed + len(failures)} failed)")
+            if pending is not None:
+                pending.result()  # the previous shard is stored (or its error raised) before this one is queued
+            pending = stored[index] = writer.submit(_write_pair, index, rows, failures, frames_uri, failures_uri,
+                                                    options)
+            result.decoded += len(rows)
+            result.failed += len(failures)
+    for index in selected:
+        frames_manifest, failures_manifest = stored[index].result() if isinstance(stored[index], Future) \
+            else stored[index]
+        result.manifests.append(frames_manifest)
+        result.failure_manifests.append(failures_manifest)
+    return result
+
+
+def _write_pair(index: int, rows: list[dict], failures: list[dict], frames_uri: str, failures_uri: str,
+                options: io.StorageOptions | None) -> tuple[io.Manifest, io.Manifest]:
+    """Failures first: the frames manifest, written last, is what marks the shard done."""
+    failures_manifest = io.write_shard(failures, failures_uri, schemas.FAILURES, index, options)
+    return io.write_shard(rows, frames_uri, schemas.FRAMES, index, options), failures_manifest
+
+
+def load_frames(frames_uri: str, video_keys: list[str] | None = None,
+                options: io.StorageOptions | None = None) -> dict[str, tuple[np.ndarray, dict]]:
+    """{video_key: (frames (T, H, W, 3) uint8, read-only; the row's other columns)} of the frames shards.
+
+    With `video_keys`, only shards holding one of them are downloaded; keys not found are simply absent.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = None if video_keys is None else set(video_keys)
+    shard_name = re.compile(re.escape(io.SHARD_PREFIX) + r"\d+\.parquet")
+    out: dict[str, tuple[np.ndarray, dict]] = {}
+    for uri in io.list_uris(frames_uri, options):
+        if not shard_name.fullmatch(uri.rsplit("/", 1)[-1]):
+            continue
+        if wanted is not None and not wanted.intersection(_column(uri, "video_key", options)):
+            continue
+        table = io.read_table(uri, schemas.FRAMES, options)
+        if wanted is not None:
+            table = table.filter(pc.is_in(table.column("video_key"), pa.array(sorted(wanted), pa.string())))
+        for row in table.to_pylist():
+            pixels = row.pop("frames")
+            out[row["video_key"]] = (np.frombuffer(pixels, dtype=np.uint8).reshape(row["frames_shape"]), row)
+    return out
+
+
+def _load_config(path: str | None) -> FramesConfig:
+    """A FramesConfig from a YAML/JSON file holding either its fields or a pipeline config's `frames:` section."""
+    if path is None:
+        return FramesConfig()
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}  # YAML is a superset of JSON
+        return FramesConfig.model_validate(data.get("frames", data) if isinstance(data, dict) else data)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"invalid frames config {path}:\n{exc}") from exc
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("video", help="path to a video file")
-    parser.add_argument("--num-frames", type=int, default=16, help="uniformly sampled frames (default 16)")
-    parser.add_argument("--decoder", choices=["auto", "decord", "pyav"], default="auto")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:  # internal: the decode worker DecodeWorker starts
+        return _worker_main(int(argv[1]))
+    if argv and argv[0] not in ("run", "probe") and not argv[0].startswith("-"):
+        argv = ["probe", *argv]  # the single-video form `python -m leanpo_core.frames VIDEO` keeps working
+    parser = argparse.ArgumentParser(prog="python -m leanpo_core.frames", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the frames stage over a videos table")
+    run.add_argument("--videos", required=True, help="videos table (python -m leanpo_core.videos writes it)")
+    run.add_argument("--out", required=True, help="frames table folder (shards part-NNNNN.parquet)")
+    run.add_argument("--failures", required=True, help="failures table folder for this stage")
+    run.add_argument("--config", help="YAML/JSON with FramesConfig fields or a pipeline config's frames: section")
+    run.add_argument("--shards", help="comma-separated shard indices to run (default: all)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    probe = commands.add_parser("probe", help="decode one video and print what would be stored")
+    probe.add_argument("video", help="video file or frames folder (local or s3://)")
+    probe.add_argument("--num-frames", type=int, default=16, help="uniformly sampled frames (default 16)")
+    probe.add_argument("--decoder", choices=["auto", "decord", "pyav"], default="auto")
     args = parser.parse_args(argv)
-    video = decode_video(args.video, FramesConfig(num_frames=args.num_frames, decoder=args.decoder))
-    print(f"{args.video}: {video.decoder}, {video.num_frames_total} frames at {video.fps:.2f} fps, "
-          f"{video.width}x{video.height}; kept {video.frames.shape} at indices {video.frame_indices}")
+    if args.command == "probe":
+        video = decode(args.video, FramesConfig(num_frames=args.num_frames, decoder=args.decoder))
+        print(f"{args.video}: {video.decoder}, {video.num_frames_total} frames at {video.fps:.2f} fps, "
+              f"{video.width}x{video.height}; kept {video.frames.shape} at indices {video.frame_indices}")
+        return None
+    shards = [int(s) for s in args.shards.split(",")] if args.shards else None
+    result = run_frames(args.videos, args.out, args.failures, _load_config(args.config), shards=shards,
+                        progress=not args.no_progress)
+    print(json.dumps({"videos": result.videos, "decoded": result.decoded, "failed": result.failed,
+                      "skipped_shards": result.skipped_shards,
+                      "frames": [m.to_dict() for m in result.manifests],
+                      "failures": [m.to_dict() for m in result.failure_manifests]}, indent=2))
+    return None
 
 
 if __name__ == "__main__":

