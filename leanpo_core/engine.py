@@ -120,15 +120,9 @@ class _DropRepeatedWarning(logging.Filter):
         return "torch.set_num_threads" not in record.getMessage()
 
 
-# vLLM 0.32's LLaVA-OneVision returns its video embeddings as (1, tokens, hidden) tensors, which its encoder-output
-# check rejects whenever one encoder batch holds videos of different frame counts (a 16-frame clean clip and a
-# 2-frame lean view); batches of one frame count pass. These families get one `LLM.generate` per frame count.
-VLLM_ONE_FRAME_COUNT_PER_BATCH = frozenset({"llava_onevision"})
-
-
 class VllmEngine:
-    """vLLM backend: every request of a `generate` call goes to the engine in one `LLM.generate` (for the families in
-    VLLM_ONE_FRAME_COUNT_PER_BATCH, one per frame count)."""
+    """vLLM backend: every request of a `generate` call goes to the engine in one `LLM.generate` (one per frame
+    count for families whose adapter sets `vllm_one_frame_count_per_batch`)."""
 
     backend = "vllm"
 
@@ -175,7 +169,7 @@ class VllmEngine:
         if not requests:
             return []
         groups = [list(range(len(requests)))]
-        if self.adapter.name in VLLM_ONE_FRAME_COUNT_PER_BATCH:
+        if self.adapter.vllm_one_frame_count_per_batch:
             by_count: dict[int, list[int]] = {}
             for i, request in enumerate(requests):
                 by_count.setdefault(len(request.frames), []).append(i)

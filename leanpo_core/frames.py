@@ -468,6 +468,67 @@ def load_frames(frames_uri: str, video_keys: list[str] | None = None,
     return out
 
 
+def frames_metadata(row: dict, frames: np.ndarray, frame_indices: list[int] | None = None) -> dict:
+    """`models.video_metadata` of a frames row's frames (or of a subset: `frame_indices` are source indices).
+
+    Sampling hands exactly this dict to the engine and scoring/training to the processor, so every stage shows
+    the model the same video; a frames folder has no rate (1 fps) and, without a stored length, is its frames.
+    """
+    from leanpo_core.models import video_metadata
+
+    fps = row["fps"] if row["fps"] and row["fps"] > 0 else 1.0
+    return video_metadata(frames, fps=fps, total_num_frames=row["num_frames_total"] or len(row["frame_indices"]),
+                          frames_indices=row["frame_indices"] if frame_indices is None else list(frame_indices))
+
+
+class FrameStore:
+    """The frames table indexed without its pixels (a frames table can be many GiB); pixels one shard at a time.
+
+    `rows`: video_key -> the row without pixels plus its `shard_uri`. The videos table names videos and the frames
+    table keys them by (video, frames config), so `key_for(video)` joins the two; a video stored under two keys (two
+    samplings) is ambiguous and has no key.
+    """
+
+    def __init__(self, frames_uri: str, options: io.StorageOptions | None = None):
+        self.options = options
+        self.rows: dict[str, dict] = {}
+        self._keys: dict[str, str] = {}
+        self._ambiguous: set[str] = set()
+        columns = [c for c in schemas.FRAMES.columns if c != "frames"]
+        for uri in io.shard_uris(frames_uri, options).values():
+            for row in io.read_columns(uri, schemas.FRAMES, columns, options).to_pylist():
+                self.rows.setdefault(row["video_key"], {**row, "shard_uri": uri})
+                if self._keys.setdefault(row["video"], row["video_key"]) != row["video_key"]:
+                    self._ambiguous.add(row["video"])
+
+    def key_for(self, video: str) -> str | None:
+        return None if video in self._ambiguous else self._keys.get(video)
+
+    def missing_reason(self, video: str) -> str:
+        if video in self._ambiguous:
+            return f"the frames table holds several samplings (video_keys) of {video!r}"
+        return f"no frames for {video!r} in the frames table (not extracted, or extraction failed)"
+
+    def load(self, keys: list[str]) -> dict[str, tuple[np.ndarray, dict]]:
+        """{video_key: (frames (T, H, W, 3) uint8, writable; row)} of the known `keys`, each shard read once."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        by_shard: dict[str, set[str]] = {}
+        for key in keys:
+            if key in self.rows:
+                by_shard.setdefault(self.rows[key]["shard_uri"], set()).add(key)
+        out = {}
+        for uri, wanted in by_shard.items():
+            table = io.read_table(uri, schemas.FRAMES, self.options)
+            for row in table.filter(pc.is_in(table.column("video_key"), pa.array(sorted(wanted)))).to_pylist():
+                pixels = row.pop("frames")
+                # a writable copy: processors hand the array to torch.from_numpy
+                out.setdefault(row["video_key"],
+                               (np.frombuffer(pixels, dtype=np.uint8).reshape(row["frames_shape"]).copy(), row))
+        return out
+
+
 def _load_config(path: str | None) -> FramesConfig:
     """A FramesConfig from a YAML/JSON file holding either its fields or a pipeline config's `frames:` section."""
     if path is None:

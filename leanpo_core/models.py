@@ -46,6 +46,10 @@ class FamilyAdapter:
     end_of_reply: str  # token the template closes an assistant reply with; generation stops on it
     video_metadata_to_hf: bool  # the HF processor needs the sampled fps (Qwen2.5-VL: temporal position ids)
     model_fix: Callable[[Any], None] | None = None  # applied to a loaded HF model by `prepare_model`
+    # vLLM 0.32's LLaVA-OneVision returns video embeddings as (1, tokens, hidden) tensors, which its encoder-output
+    # check rejects when one encoder batch mixes frame counts (16 clean frames and a 2-frame lean view); batches of
+    # one frame count pass, so the engine splits requests by frame count for such families.
+    vllm_one_frame_count_per_batch: bool = False
 
     def prepare_model(self, model):
         """Make a loaded HF model score tokens exactly as vLLM (and the family's reference code) does; idempotent.
@@ -192,7 +196,7 @@ QWEN2_5_VL = FamilyAdapter("qwen2_5_vl", ("qwen2_5_vl",), "<|vision_start|><|vid
 LLAVA_NEXT_VIDEO = FamilyAdapter("llava_next_video", ("llava_next_video",), "<video>", "</s>",
                                  video_metadata_to_hf=False)
 LLAVA_ONEVISION = FamilyAdapter("llava_onevision", ("llava_onevision",), "<video>", "<|im_end|>",
-                                video_metadata_to_hf=False)
+                                video_metadata_to_hf=False, vllm_one_frame_count_per_batch=True)
 ADAPTERS: dict[str, FamilyAdapter] = {a.name: a for a in (QWEN2_VL, QWEN2_5_VL, LLAVA_NEXT_VIDEO, LLAVA_ONEVISION)}
 _BY_MODEL_TYPE = {t: a for a in ADAPTERS.values() for t in a.model_types}
 

@@ -25,7 +25,7 @@ from typing import Any
 from leanpo_core import io, prompts, schemas
 from leanpo_core.config import PairsConfig, load_config
 from leanpo_core.layout import RunLayout
-from leanpo_core.reflect import FrameStore
+from leanpo_core.frames import FrameStore
 
 
 def _check_ranks(rows: list[dict], key: tuple) -> None:

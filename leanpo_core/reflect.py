@@ -33,13 +33,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from leanpo_core import io, models, prompts, schemas
+from leanpo_core import frames, io, models, prompts, schemas
 from leanpo_core.config import ReflectConfig, load_config
 from leanpo_core.layout import RunLayout
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
-_SHARD = re.compile(re.escape(io.SHARD_PREFIX) + r"(\d+)\.parquet")
 # Per-token inputs and their padding value (None: the tokenizer's pad id); every other tensor is per-video and
 # concatenates along dim 0 (Qwen: patches and grid rows; LLaVA: one (1, T, 3, h, w) clip per sequence).
 _PAD = {"input_ids": None, "attention_mask": 0, "labels": models.IGNORE_INDEX, "mm_token_type_ids": 0,
@@ -67,52 +66,6 @@ def judge_outcome(reply: str | None) -> tuple[float | None, str]:
     """(rating in [0, 1] or None, judge_status) of one judge reply."""
     score = None if reply is None else prompts.parse_rating(reply)
     return score, "ok" if score is not None else "unparsable"
-
-
-def shard_uris(root_uri: str, options: io.StorageOptions | None = None) -> dict[int, str]:
-    """{shard index: URI} of every `part-NNNNN.parquet` directly under `root_uri`, in index order."""
-    prefix = root_uri.rstrip("/") + "/"
-    found = {}
-    for uri in io.list_uris(root_uri, options):
-        match = _SHARD.fullmatch(uri[len(prefix):])
-        if match:
-            found[int(match.group(1))] = uri
-    return dict(sorted(found.items()))
-
-
-class FrameStore:
-    """The frames table by video_key, holding pixels of one shard at a time (a frames table can be many GiB)."""
-
-    def __init__(self, frames_uri: str, options: io.StorageOptions | None = None):
-        self.options = options
-        self.rows: dict[str, dict[str, Any]] = {}  # video_key -> row without pixels, plus its shard's URI
-        for uri in shard_uris(frames_uri, options).values():
-            for row in io.read_table(uri, schemas.FRAMES, options).drop_columns(["frames"]).to_pylist():
-                self.rows.setdefault(row["video_key"], {**row, "shard_uri": uri})
-
-    def load(self, keys: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-        """{video_key: (frames (T, H, W, 3) uint8, video metadata)} of the known `keys`, one shard read each."""
-        by_shard = collections.defaultdict(set)
-        for key in keys:
-            if key in self.rows:
-                by_shard[self.rows[key]["shard_uri"]].add(key)
-        out = {}
-        for uri, wanted in by_shard.items():
-            table = io.read_table(uri, schemas.FRAMES, self.options)
-            mask = pc.is_in(table.column("video_key"), value_set=pa.array(sorted(wanted), pa.string()))
-            for row in table.filter(mask).to_pylist():
-                if row["video_key"] not in out:
-                    # a writable copy: processors hand the array to torch.from_numpy
-                    frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"]).copy()
-                    out[row["video_key"]] = (frames, frames_metadata(frames, row))
-        return out
-
-
-def frames_metadata(frames: np.ndarray, row: dict[str, Any]) -> dict[str, Any]:
-    """`models.video_metadata` of a frames-table row: the same dict sampling gives the engine for clean frames."""
-    fps = row["fps"] if row["fps"] and row["fps"] > 0 else 1.0  # frame folders have no rate
-    return models.video_metadata(frames, fps=fps, frames_indices=row["frame_indices"],
-                                 total_num_frames=row["num_frames_total"] or len(frames))
 
 
 def collate(items: list[dict], pad_id: int) -> dict:
@@ -224,19 +177,20 @@ def _failure(row: dict, video: str | None, exc: BaseException) -> dict:
             "created_at": datetime.datetime.now(datetime.timezone.utc)}
 
 
-def prepare_shard(samples: list[dict], videos: dict[str, dict], store: FrameStore) -> tuple[list[dict], list[dict]]:
+def prepare_shard(samples: list[dict], videos: dict[str, dict], store: frames.FrameStore) -> tuple[list[dict], list[dict]]:
     """(items to score: sample rows plus answer, clean frames and metadata; failure rows) of one samples shard."""
-    frames = store.load(sorted({row["video_key"] for row in samples}))
+    loaded = store.load(sorted({row["video_key"] for row in samples}))
     items, failures = [], []
     for row in samples:
         video = videos.get(row["id"])
         if video is None:
             failures.append(_failure(row, None, KeyError(f"id {row['id']!r} is not in the videos table")))
-        elif row["video_key"] not in frames:
+        elif row["video_key"] not in loaded:
             failures.append(_failure(row, video["video"],
                                      KeyError(f"video_key {row['video_key']!r} is not in the frames table")))
         else:
-            clip, meta = frames[row["video_key"]]
+            clip, frames_row = loaded[row["video_key"]]
+            meta = frames.frames_metadata(frames_row, clip)
             items.append({**row, "answer": video["answer"], "video": video["video"], "frames": clip, "meta": meta})
     return items, failures
 
@@ -295,7 +249,7 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
     from rich.progress import Progress
 
     run_hash = stage_hash(config, sample_model)
-    shards = shard_uris(samples_uri, options)
+    shards = io.shard_uris(samples_uri, options)
     if not shards:
         raise FileNotFoundError(f"no samples shards ({io.SHARD_PREFIX}*.parquet) under {samples_uri}")
     pending = {i: uri for i, uri in shards.items()
@@ -305,7 +259,7 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
         return [manifests[i] for i in sorted(manifests)]
     videos = {row["id"]: row for row in io.read_table(videos_uri, schemas.VIDEOS, options)
               .select(["id", "video", "answer"]).to_pylist()}
-    store = FrameStore(frames_uri, options)
+    store = frames.FrameStore(frames_uri, options)
 
     def prepare(i: int) -> tuple[list[dict], list[dict]]:
         return prepare_shard(io.read_table(pending[i], schemas.SAMPLES, options).to_pylist(), videos, store)

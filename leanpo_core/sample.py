@@ -72,53 +72,6 @@ def model_revision(model: str) -> str:
     return "folder-sha256:" + digest.hexdigest()[:16]
 
 
-class FrameStore:
-    """Frames by source video: an index of the frames table's (video, video_key) columns, pixels per sample shard.
-
-    The videos table names videos, the frames table keys them by (video, frames config); the join is on the video,
-    so this stage needs no frames config. Only two small columns are read up front: a frames table can be many GiB.
-    """
-
-    def __init__(self, frames_uri: str, options: io.StorageOptions | None = None):
-        import pyarrow.parquet as pq
-
-        self.frames_uri, self.options = frames_uri, options
-        self.keys: dict[str, str] = {}
-        self.ambiguous: set[str] = set()
-        for uri in io.list_uris(frames_uri, options):
-            if not uri.rsplit("/", 1)[-1].startswith(io.SHARD_PREFIX):
-                continue
-            fs, path = io.filesystem(uri, options)
-            with fs.open(path, "rb") as f:  # two columns by ranged reads, not every shard's pixels
-                table = pq.ParquetFile(f).read(columns=["video", "video_key"])
-            for video, key in zip(table.column("video").to_pylist(), table.column("video_key").to_pylist()):
-                if self.keys.setdefault(video, key) != key:  # two samplings of one video: which one is meant?
-                    self.ambiguous.add(video)
-
-    def load(self, videos: Sequence[str]) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
-        """{video: (frames row without pixels, frames (T, H, W, 3) uint8)} of the known, unambiguous `videos`."""
-        keys = {self.keys[v]: v for v in videos if v in self.keys and v not in self.ambiguous}
-        if not keys:
-            return {}
-        loaded = frames.load_frames(self.frames_uri, sorted(keys), self.options)
-        # a writable copy: processors and torch.from_numpy expect one
-        return {keys[key]: (row, pixels.copy()) for key, (pixels, row) in loaded.items()}
-
-    def missing_reason(self, video: str) -> str:
-        if video in self.ambiguous:
-            return f"the frames table holds several samplings (video_keys) of {video!r}"
-        return f"no frames for {video!r} in the frames table (not extracted, or extraction failed)"
-
-
-def frames_meta(row: dict[str, Any], pixels: np.ndarray, frame_indices: Sequence[int] | None = None):
-    """`models.video_metadata` of (a subset of) a frames row's frames, source fps and length as stored; a frame
-    folder has no rate (1 fps) and, without a stored length, the sampled frames are the video."""
-    fps = row["fps"] if row["fps"] and row["fps"] > 0 else 1.0
-    return models.video_metadata(pixels, fps=fps, frames_indices=row["frame_indices"] if frame_indices is None
-                                 else frame_indices, total_num_frames=row["num_frames_total"] or
-                                 len(row["frame_indices"]))
-
-
 @dataclass
 class SampleResult:
     """What `run_sample` left stored for this worker's shards, and what this run itself wrote."""
@@ -170,25 +123,26 @@ def first_turn(engine: Engine, question: dict, row: dict[str, Any], pixels: np.n
     seeds = {(s, c): derive_seed(config.seed, question["id"], s, c) for s in ("win", "lose") for c in range(k)}
     hint = engine.adapter.build_prompt(engine.processor, prompts.hint_prompt(question["question"], question["answer"]))
     plain = engine.adapter.build_prompt(engine.processor, prompts.plain_prompt(question["question"]))
-    meta, views, requests = frames_meta(row, pixels), {}, []
+    meta, views, requests = frames.frames_metadata(row, pixels), {}, []
     for c in range(k):
         views[c] = view = augment.lean_view(pixels, row["frame_indices"], config,
                                             derive_seed(config.seed, row["video_key"], "augment", c))
         requests.append(Request(hint, pixels, meta, temperature=config.win_temperature, top_p=config.win_top_p,
                                 max_tokens=config.max_new_tokens, seed=derive_seed(seeds["win", c], "hint"),
                                 tag=(pos, "hint", c)))
-        requests.append(Request(plain, view.frames, frames_meta(row, view.frames, view.frame_indices),
+        requests.append(Request(plain, view.frames, frames.frames_metadata(row, view.frames, view.frame_indices),
                                 temperature=config.lose_temperature, top_p=config.lose_top_p,
                                 max_tokens=config.max_new_tokens, seed=derive_seed(seeds["lose", c], "answer"),
                                 tag=(pos, "lose", c)))
     return {"row": row, "pixels": pixels, "meta": meta, "seeds": seeds, "views": views}, requests
 
 
-def sample_shard(engine: Engine, questions: list[dict], store: FrameStore, config: SampleConfig,
+def sample_shard(engine: Engine, questions: list[dict], store: frames.FrameStore, config: SampleConfig,
                  revision: str) -> tuple[list[dict], list[dict]]:
     """(samples rows, failures rows) of one shard of videos-table rows."""
     k, config_hash = config.num_candidates, config.config_hash()
-    loaded = store.load([q["video"] for q in questions])
+    keys = {q["video"]: store.key_for(q["video"]) for q in questions}
+    loaded = {row["video"]: (row, pixels) for pixels, row in store.load([k for k in keys.values() if k]).values()}
     failed: dict[int, BaseException] = {}
     items: dict[int, dict] = {}
     first: list[Request] = []
@@ -275,7 +229,7 @@ def run_sample(videos_uri: str, frames_uri: str, samples_uri: str, failures_uri:
     written: dict[int, tuple[io.Manifest, io.Manifest | None]] = {}
     if todo:
         own_engine = engine is None
-        store = FrameStore(frames_uri, options)
+        store = frames.FrameStore(frames_uri, options)
         if own_engine:
             engine = open_engine(config.model, config.backend, dtype=config.dtype, seed=config.seed,
                                  max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
@@ -303,7 +257,7 @@ def _stored_manifests(samples_uri: str, failures_uri: str, index: int, options: 
     return io.read_manifest(io.shard_uri(samples_uri, index), options), failures
 
 
-def _sample_shards(engine: Engine, todo: dict[int, list[dict]], store: FrameStore, config: SampleConfig,
+def _sample_shards(engine: Engine, todo: dict[int, list[dict]], store: frames.FrameStore, config: SampleConfig,
                    samples_uri: str, failures_uri: str, options: io.StorageOptions | None, result: SampleResult,
                    progress: bool) -> dict[int, tuple[io.Manifest, io.Manifest | None]]:
     """Sample and store each shard of `todo`: its failures first, then its samples, whose manifest marks it done."""

@@ -20,7 +20,7 @@ from leanpo_core.config import SampleConfig
 
 REPO = Path(__file__).resolve().parents[2]
 # Qwen2.5-VL: positions depend on the video metadata; LLaVA-OneVision: vLLM 0.32 cannot batch its videos of different
-# frame counts (engine.VLLM_ONE_FRAME_COUNT_PER_BATCH), and each request list mixes 16 and 2 frames. test_models.py
+# frame counts (FamilyAdapter.vllm_one_frame_count_per_batch), and each request list mixes 16 and 2 frames. test_models.py
 # compares prompts and log-probs of all four families on fixed responses.
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
 
