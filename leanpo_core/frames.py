@@ -37,6 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from leanpo_core import io, schemas
 from leanpo_core.config import ConfigError, FramesConfig
+from leanpo_core.layout import add_table_arguments, table_arguments
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _WORKER_START_TIMEOUT_S = 120.0  # a cold start imports numpy, pyarrow, av and decord
@@ -553,9 +554,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the frames stage over a videos table")
-    run.add_argument("--videos", required=True, help="videos table (python -m leanpo_core.videos writes it)")
-    run.add_argument("--out", required=True, help="frames table folder (shards part-NNNNN.parquet)")
-    run.add_argument("--failures", required=True, help="failures table folder for this stage")
+    tables = ("videos", "frames", "failures")
+    add_table_arguments(run, "frames", tables)
+    run.add_argument("--out", dest="frames", help=argparse.SUPPRESS)  # the flag's earlier name
     run.add_argument("--config", help="YAML/JSON with FramesConfig fields or a pipeline config's frames: section")
     run.add_argument("--shards", help="comma-separated shard indices to run (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -570,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{video.width}x{video.height}; kept {video.frames.shape} at indices {video.frame_indices}")
         return None
     shards = [int(s) for s in args.shards.split(",")] if args.shards else None
-    result = run_frames(args.videos, args.out, args.failures, _load_config(args.config), shards=shards,
+    uris = table_arguments(run, args, "frames", tables)
+    result = run_frames(uris["videos"], uris["frames"], uris["failures"], _load_config(args.config), shards=shards,
                         progress=not args.no_progress)
     print(json.dumps({"videos": result.videos, "decoded": result.decoded, "failed": result.failed,
                       "skipped_shards": result.skipped_shards,

@@ -51,3 +51,31 @@ class RunLayout:
 
     def evaluation(self, run_id: str) -> str:
         return join_uri(self.root, "evaluation", f"{run_id}.parquet")
+
+
+def add_table_arguments(parser, stage: str, tables: tuple[str, ...]) -> None:
+    """A stage CLI's locations: `--root` (tables at their layout paths) and `--<table>` to override any of them.
+
+    `tables` name RunLayout properties ("videos", "frames", "samples", "scored", "pairs") or "failures" (the
+    stage's own failures folder).
+    """
+    parser.add_argument("--root", help="run root (local folder or s3:// prefix); tables at their layout paths")
+    for name in tables:
+        where = f"failures folder of the {stage} stage" if name == "failures" else f"{name} table"
+        parser.add_argument(f"--{name}", help=f"URI of the {where}, overriding --root's")
+
+
+def table_arguments(parser, args, stage: str, tables: tuple[str, ...]) -> dict[str, str]:
+    """{table: URI} from parsed `add_table_arguments` flags; a parser error names every location left unset."""
+    layout = RunLayout(args.root) if args.root else None
+
+    def default(name: str) -> str | None:
+        if layout is None:
+            return None
+        return layout.failures(stage) if name == "failures" else getattr(layout, name)
+
+    uris = {name: getattr(args, name) or default(name) for name in tables}
+    missing = [name for name, uri in uris.items() if not uri]
+    if missing:
+        parser.error(f"give --root or every location (missing: {', '.join('--' + m for m in missing)})")
+    return uris

@@ -24,7 +24,7 @@ from typing import Any
 
 from leanpo_core import io, prompts, schemas
 from leanpo_core.config import PairsConfig, load_config
-from leanpo_core.layout import RunLayout
+from leanpo_core.layout import add_table_arguments, table_arguments
 from leanpo_core.frames import FrameStore
 
 
@@ -109,16 +109,10 @@ def main(argv: list[str] | None = None) -> io.Manifest:
     parser = argparse.ArgumentParser(prog="python -m leanpo_core.pairs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML/JSON file of PairsConfig fields (default: all defaults)")
-    parser.add_argument("--root", help="run root (local folder or s3:// prefix); tables at their layout paths")
-    for name in ("videos", "frames", "scored", "pairs"):
-        parser.add_argument(f"--{name}", help=f"URI of the {name} table, overriding --root's")
+    tables = ("videos", "frames", "scored", "pairs")
+    add_table_arguments(parser, "pairs", tables)
     args = parser.parse_args(argv)
-    layout = RunLayout(args.root) if args.root else None
-    uris = {name: getattr(args, name) or (layout and getattr(layout, name))
-            for name in ("videos", "frames", "scored", "pairs")}
-    missing = [name for name, uri in uris.items() if not uri]
-    if missing:
-        parser.error(f"give --root or every table URI (missing: {', '.join('--' + m for m in missing)})")
+    uris = table_arguments(parser, args, "pairs", tables)
     config = load_config(args.config, PairsConfig) if args.config else PairsConfig()
     manifest = run_pairs(uris["videos"], uris["frames"], uris["scored"], uris["pairs"], config)
     table = io.read_table(manifest.uri, schemas.PAIRS)

@@ -35,14 +35,10 @@ import pyarrow.compute as pc
 
 from leanpo_core import frames, io, models, prompts, schemas
 from leanpo_core.config import ReflectConfig, load_config
-from leanpo_core.layout import RunLayout
+from leanpo_core.layout import add_table_arguments, table_arguments
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
-# Per-token inputs and their padding value (None: the tokenizer's pad id); every other tensor is per-video and
-# concatenates along dim 0 (Qwen: patches and grid rows; LLaVA: one (1, T, 3, h, w) clip per sequence).
-_PAD = {"input_ids": None, "attention_mask": 0, "labels": models.IGNORE_INDEX, "mm_token_type_ids": 0,
-        "token_type_ids": 0}
 
 
 def normalize_answer(text: str) -> str:
@@ -66,25 +62,6 @@ def judge_outcome(reply: str | None) -> tuple[float | None, str]:
     """(rating in [0, 1] or None, judge_status) of one judge reply."""
     score = None if reply is None else prompts.parse_rating(reply)
     return score, "ok" if score is not None else "unparsable"
-
-
-def collate(items: list[dict], pad_id: int) -> dict:
-    """Right-pad per-token tensors of single-sequence `encode` outputs to one batch; stack the vision tensors.
-
-    Right padding leaves every real token's position unchanged (Qwen's rope index skips masked positions, LLaVA
-    counts from 0), so each row scores as it would alone. Items must share a frame shape (LLaVA stacks clips).
-    """
-    import torch
-
-    length = max(item["input_ids"].shape[1] for item in items)
-    batch = {}
-    for key in items[0]:
-        tensors = [item[key] for item in items]
-        if key in _PAD:
-            fill = pad_id if _PAD[key] is None else _PAD[key]
-            tensors = [torch.nn.functional.pad(t, (0, length - t.shape[1]), value=fill) for t in tensors]
-        batch[key] = torch.cat(tensors, dim=0)
-    return batch
 
 
 def sft_scores(model, processor, adapter, items: list[dict], batch_size: int) -> list[tuple[float, int]]:
@@ -114,7 +91,7 @@ def sft_scores(model, processor, adapter, items: list[dict], batch_size: int) ->
                     prompt = adapter.build_prompt(processor, prompts.plain_prompt(it["question"]))
                     encoded.append(adapter.encode(processor, it["frames"], prompt, it["response"], meta=it["meta"],
                                                   add_end=it["finish_reason"] != "length"))
-                batch = {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
+                batch = {k: v.to(device) for k, v in models.collate(encoded, pad_id).items()}
                 sums, counts = model_response_logps(model, batch)
                 for i, total, count in zip(chunk, sums.tolist(), counts.tolist()):
                     out[i] = (total / count if count else float("nan"), int(count))
@@ -310,17 +287,10 @@ def main(argv: list[str] | None = None) -> list[io.Manifest]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML/JSON file of ReflectConfig fields (default: all defaults)")
     parser.add_argument("--model", required=True, help="the sampling model (judges; scores unless sft_model is set)")
-    parser.add_argument("--root", help="run root (local folder or s3:// prefix); tables at their layout paths")
-    for name in ("videos", "frames", "samples", "scored", "failures"):
-        parser.add_argument(f"--{name}", help=f"URI of the {name} table, overriding --root's")
+    tables = ("videos", "frames", "samples", "scored", "failures")
+    add_table_arguments(parser, "reflect", tables)
     args = parser.parse_args(argv)
-    layout = RunLayout(args.root) if args.root else None
-    uris = {name: getattr(args, name) or (layout and getattr(layout, name))
-            for name in ("videos", "frames", "samples", "scored")}
-    uris["failures"] = args.failures or (layout and layout.failures("reflect"))
-    missing = [name for name, uri in uris.items() if not uri]
-    if missing:
-        parser.error(f"give --root or every table URI (missing: {', '.join('--' + m for m in missing)})")
+    uris = table_arguments(parser, args, "reflect", tables)
     config = load_config(args.config, ReflectConfig) if args.config else ReflectConfig()
     manifests = run_reflect(uris["videos"], uris["frames"], uris["samples"], uris["scored"], uris["failures"],
                             config, args.model, progress=True)

@@ -46,7 +46,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from leanpo_core import augment, frames, io, models, prompts, schemas
-from leanpo_core.config import SampleConfig, load_config
+from leanpo_core.config import ConfigError, SampleConfig, load_config
+from leanpo_core.layout import add_table_arguments, table_arguments
 from leanpo_core.engine import Completion, Engine, Request, open_engine
 
 STAGE = "sample"
@@ -285,16 +286,18 @@ def main(argv: list[str] | None = None) -> SampleResult:
     parser = argparse.ArgumentParser(prog="python -m leanpo_core.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML or JSON file with SampleConfig fields")
-    parser.add_argument("--videos", required=True, help="videos table (local path or s3://)")
-    parser.add_argument("--frames", required=True, help="frames table folder (shards)")
-    parser.add_argument("--out", required=True, help="samples table folder (shards are written here)")
-    parser.add_argument("--failures", required=True, help="failures folder of this stage")
+    tables = ("videos", "frames", "samples", "failures")
+    add_table_arguments(parser, "sample", tables)
+    parser.add_argument("--out", dest="samples", help=argparse.SUPPRESS)  # the flag's earlier name
     parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], help="override the config's backend")
     parser.add_argument("--tensor-parallel-size", type=int, help="override the config's tensor_parallel_size")
     parser.add_argument("--worker", default="0/1", help="I/N: do shards with index %% N == I (default 0/1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    config = load_config(args.config, SampleConfig)
+    try:
+        config = load_config(args.config, SampleConfig)
+    except ConfigError as exc:
+        parser.error(str(exc))
     if args.backend:
         config.backend = args.backend
     if args.tensor_parallel_size:
@@ -302,7 +305,8 @@ def main(argv: list[str] | None = None) -> SampleResult:
     index, _, workers = args.worker.partition("/")
     if not (index.isdigit() and workers.isdigit()):
         parser.error(f"--worker must look like I/N (e.g. 0/4), got {args.worker!r}")
-    result = run_sample(args.videos, args.frames, args.out, args.failures, config, worker=(int(index), int(workers)),
+    uris = table_arguments(parser, args, "sample", tables)
+    result = run_sample(uris["videos"], uris["frames"], uris["samples"], uris["failures"], config, worker=(int(index), int(workers)),
                         progress=not args.no_progress and sys.stderr.isatty())
     summary = {k: v for k, v in vars(result).items() if k not in ("manifests", "failure_manifests")}
     summary["content_hashes"] = [m.content_hash for m in result.manifests]

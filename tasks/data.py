@@ -67,9 +67,7 @@ def sample(root: str, config: SampleConfig, timeout_s: float | None = None) -> d
     """Prior-infused sampling with the generator (hint + self-reflection wins, lean augmented view loses)."""
     layout = RunLayout(root)
     with concurrency("gpu", occupy=1, strict=False):
-        _run_stage("leanpo_core.sample", config, ["--videos", layout.videos, "--frames", layout.frames,
-                                                  "--out", layout.samples, "--failures", layout.failures("sample"),
-                                                  "--no-progress"], timeout_s)
+        _run_stage("leanpo_core.sample", config, ["--root", root, "--no-progress"], timeout_s)
     manifest = io.dataset_manifest(layout.samples, schemas.SAMPLES)
     publish_table(manifest, schemas.SAMPLES)
     return manifest.to_dict()
