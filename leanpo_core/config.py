@@ -164,9 +164,22 @@ class EvaluateConfig(StageConfig):
     """Evaluation: preference accuracy, answer accuracy, held-out likelihood change."""
 
     backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="Generation engine for answers.")
-    max_new_tokens: int = Field(64, ge=1, description="Answer length limit.")
+    split: str = Field("test", min_length=1, description="Videos-table split whose questions are answered and "
+                       "whose ground-truth answers are scored.")
+    max_new_tokens: int = Field(64, ge=1, description="Answer length limit (greedy decoding).")
     max_questions: int = Field(0, ge=0, description="Cap on held-out questions (0: all).")
+    max_model_len: int = Field(4096, ge=128, description="Engine context length (prompt + answer).")
+    batch_size: int = Field(8, ge=1, description="Sequences per likelihood forward.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where likelihoods are scored (always "
+                                                   "fp32); auto: cuda when available.")
     seed: int = Field(0, ge=0, description="Generation seed.")
+
+    @model_validator(mode="after")
+    def _room_for_prompt(self) -> "EvaluateConfig":
+        if self.max_new_tokens >= self.max_model_len:
+            raise ValueError(f"max_model_len ({self.max_model_len}) must exceed max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
 
 
 class PipelineConfig(StageConfig):

@@ -180,6 +180,11 @@ def _put_atomic(uri: str, data: bytes, options: StorageOptions | None) -> None:
             _write_local(path, data)
 
 
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Store a small non-table object (a report, a plot) atomically, with the same guarantees as a table."""
+    _put_atomic(uri, data, options)
+
+
 def _get(uri: str, options: StorageOptions | None) -> bytes:
     """Fetch a whole object in one GET: ranged reads of an object being overwritten could mix two versions."""
     fs, path = filesystem(uri, options)

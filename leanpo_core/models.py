@@ -7,6 +7,10 @@ the family's video placeholder), `encode` (model inputs plus response-only label
 The trainer reads hidden states and the output projection through `backbone_hidden_states` and `output_projection`:
 in transformers 5 all four families expose `model.model(...)` (vision tower + language model, returns
 `last_hidden_state`) and `model.get_output_embeddings()` (the LM head), so one code path serves them all.
+For preference pairs, `adapter.shared_video_hidden_states` runs the vision tower once for sequences that show the
+same video: the family's `get_video_features` (its arguments are the adapter's `video_feature_inputs`) feeds
+`model.model(..., mm_encoder_outputs=...)`, which scatters the features and builds positions as a plain forward does.
+`collate` right-pads single-sequence `encode` outputs into a batch.
 `load_model` also applies `adapter.prepare_model`, which makes HF score tokens with the same positions as vLLM
 (Qwen: transformers 5.19's video rope index differs from the reference code and vLLM; see `mrope_positions`).
 
@@ -34,6 +38,11 @@ _NOT_BACKBONE_INPUTS = ("labels",)
 # Per-token processor outputs and their value on response positions (None: the response ids themselves);
 # mm_token_type_ids marks vision tokens for Qwen's 3-D rope index, text is 0.
 _PER_TOKEN_FILL = {"input_ids": None, "attention_mask": 1, "mm_token_type_ids": 0, "token_type_ids": 0}
+# Padding value of each per-token input in a batch (None: the tokenizer's pad id).
+_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0, "token_type_ids": 0}
+# Per-video inputs other than the pixels (Qwen: one grid row and one temporal step per video).
+_PER_VIDEO = ("video_grid_thw", "second_per_grid_ts")
+VIDEO_PIXELS = "pixel_values_videos"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +59,8 @@ class FamilyAdapter:
     # check rejects when one encoder batch mixes frame counts (16 clean frames and a 2-frame lean view); batches of
     # one frame count pass, so the engine splits requests by frame count for such families.
     vllm_one_frame_count_per_batch: bool = False
+    # The inputs `model.model.get_video_features` takes besides the pixels (Qwen: the patch grid of each video).
+    video_feature_inputs: tuple[str, ...] = ()
 
     def prepare_model(self, model):
         """Make a loaded HF model score tokens exactly as vLLM (and the family's reference code) does; idempotent.
@@ -109,6 +120,27 @@ class FamilyAdapter:
         inputs["labels"] = torch.cat([torch.full((1, prompt_len), IGNORE_INDEX, dtype=response_ids.dtype),
                                       response_ids], dim=1)
         return inputs
+
+    def video_features(self, model, inputs: Mapping[str, Any]):
+        """The vision tower + projector output for the videos of `inputs` (what `model.model` would compute)."""
+        kwargs = {k: inputs[k] for k in self.video_feature_inputs}
+        return unwrap(model).model.get_video_features(inputs[VIDEO_PIXELS], return_dict=True, **kwargs)
+
+    def shared_video_hidden_states(self, model, batch: Mapping[str, Any], copies: int) -> torch.Tensor:
+        """Last hidden states (copies*B, L, hidden) of sequences that reuse B videos, the vision tower run once.
+
+        batch: per-token tensors of copies*B rows (row c*B + b shows video b; e.g. B chosen then B rejected) and the
+        vision inputs of the B videos only. The video features are computed once and handed to the backbone as
+        precomputed encoder outputs (transformers 5's `mm_encoder_outputs`), so the model itself scatters them at
+        the placeholders and builds its positions (Qwen: the 3-D rope index of `prepare_model`), as in `model(...)`.
+        """
+        features = self.video_features(model, batch)
+        pooled = features.pooler_output  # Qwen, LLaVA-NeXT-Video: one tensor per video; OneVision: (B, tokens, H)
+        features.pooler_output = (tuple(pooled) * copies if isinstance(pooled, (tuple, list))
+                                  else torch.cat([pooled] * copies, dim=0))
+        kwargs = {k: v for k, v in batch.items() if k in _PER_TOKEN_FILL}
+        kwargs.update(repeat_videos({k: batch[k] for k in _PER_VIDEO if k in batch}, copies))
+        return unwrap(model).model(**kwargs, mm_encoder_outputs={"video": features}).last_hidden_state
 
     def vllm_video_input(self, frames: np.ndarray, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The `multi_modal_data` of a vLLM prompt: {"video": (frames (T, H, W, 3) uint8, metadata)}.
@@ -190,9 +222,11 @@ def _use_reference_rope_index(model) -> None:
 
 
 QWEN2_VL = FamilyAdapter("qwen2_vl", ("qwen2_vl",), "<|vision_start|><|video_pad|><|vision_end|>", "<|im_end|>",
-                         video_metadata_to_hf=False, model_fix=_use_reference_rope_index)
+                         video_metadata_to_hf=False, model_fix=_use_reference_rope_index,
+                         video_feature_inputs=("video_grid_thw",))
 QWEN2_5_VL = FamilyAdapter("qwen2_5_vl", ("qwen2_5_vl",), "<|vision_start|><|video_pad|><|vision_end|>",
-                           "<|im_end|>", video_metadata_to_hf=True, model_fix=_use_reference_rope_index)
+                           "<|im_end|>", video_metadata_to_hf=True, model_fix=_use_reference_rope_index,
+                           video_feature_inputs=("video_grid_thw",))
 LLAVA_NEXT_VIDEO = FamilyAdapter("llava_next_video", ("llava_next_video",), "<video>", "</s>",
                                  video_metadata_to_hf=False)
 LLAVA_ONEVISION = FamilyAdapter("llava_onevision", ("llava_onevision",), "<video>", "<|im_end|>",
@@ -245,12 +279,45 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str = torch.floa
     return adapter.prepare_model(model), processor, adapter
 
 
+def unwrap(model):
+    """The Hugging Face model inside a PEFT wrapper (LoRA layers stay in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_per_token(key: str) -> bool:
+    """Whether an `encode` output is per token (padded in batches) rather than per video."""
+    return key in _PAD
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-pad per-token tensors of single-sequence `encode` outputs to one batch; stack the vision tensors.
+
+    Right padding leaves every real token's position unchanged (Qwen's rope index skips masked positions, LLaVA
+    counts from 0), so each row scores as it would alone. Items must share a frame shape (LLaVA stacks clips).
+    Every tensor that is not per-token is per-video and concatenates along dim 0 (Qwen: patches and grid rows).
+    """
+    length = max(item["input_ids"].shape[1] for item in items)
+    batch = {}
+    for key in items[0]:
+        tensors = [item[key] for item in items]
+        if key in _PAD:
+            fill = pad_id if _PAD[key] is None else _PAD[key]
+            tensors = [torch.nn.functional.pad(t, (0, length - t.shape[1]), value=fill) for t in tensors]
+        batch[key] = torch.cat(tensors, dim=0)
+    return batch
+
+
+def repeat_videos(video_inputs: Mapping[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:
+    """Per-video inputs of B videos repeated for copies*B sequences (video b again at rows B+b, 2B+b, ...)."""
+    return {k: torch.cat([v] * copies, dim=0) for k, v in video_inputs.items()}
+
+
 def backbone_hidden_states(model, inputs: Mapping[str, Any]) -> torch.Tensor:
     """Last hidden states (B, L, hidden) of the vision+language backbone, without the LM head (same for all four)."""
     kwargs = {k: v for k, v in inputs.items() if k not in _NOT_BACKBONE_INPUTS}
-    return model.model(**kwargs).last_hidden_state
+    return unwrap(model).model(**kwargs).last_hidden_state
 
 
 def output_projection(model) -> torch.nn.Module:
     """The LM head mapping hidden states (..., hidden) to vocabulary logits (..., V) (same for all four)."""
-    return model.get_output_embeddings()
+    return unwrap(model).get_output_embeddings()

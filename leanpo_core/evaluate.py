@@ -1,0 +1,275 @@
+"""Evaluate: held-out preference accuracy, answer accuracy, and the likelihood of held-out ground-truth answers.
+
+For a trained `model` (and, optionally, a `baseline` such as the SFT model it started from), on held-out data:
+  preference_accuracy  share of the KEPT pairs of a pairs table where rbar(chosen) > rbar(rejected) under the model
+                       (a tie counts as wrong); preference_margin is the mean rbar(chosen) - rbar(rejected);
+  answer_accuracy      questions of the videos table's `split` (EvaluateConfig.split) whose `source` is "synthetic",
+                       answered greedily through the generation engine (vLLM wherever it imports) from the clean
+                       frames and the plain question, counted correct by `answer_match` (one-word exact answers);
+  answer_f1            the same for every other source, scored by SQuAD token F1 (free-form answers);
+  answer_logp          mean over those questions of rbar(ground-truth answer) under the model;
+  answer_logp_change   (with a baseline) the mean of rbar_model(answer) - rbar_baseline(answer) over the same
+                       answers: positive means the model made the true answers more likely (METHOD.md section 1's
+                       likelihood-displacement question, asked on held-out data).
+rbar is the mean token log-prob of a response given the clean frames and the plain question, end-of-reply token
+included, computed on the lean path (`logps.model_response_logps`, response-only logits, fp32) exactly as the
+reflect stage and the trainer score. The baseline is evaluated on every metric too, so the report compares the two.
+
+Writes the EVALUATION table (one row per model and metric; `n` is the number of items behind the value, `details`
+a small JSON object) and a markdown report next to it (`<out minus .parquet>.md`). All likelihood scoring runs
+before any engine opens: vLLM on CPU pins the process's OpenMP threads. Held-out sets are small: their frames are
+held in memory together.
+
+    python -m leanpo_core.evaluate --model runs/r1/train/leanpo/final --baseline /tmp/toy-qwen2vl --root runs/r1
+    python -m leanpo_core.evaluate --model M --root s3://bucket/r1 --config eval.yaml --run-id leanpo-vs-sft \\
+        --out s3://bucket/r1/evaluation/leanpo-vs-sft.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leanpo_core import frames, io, models, prompts, reflect, schemas
+from leanpo_core.config import EvaluateConfig, load_config
+from leanpo_core.layout import RunLayout
+
+MATCH_RULE = ("normalised response == normalised answer, or the normalised answer's tokens appear as a contiguous "
+              "whole-word phrase in the normalised response (SQuAD normalisation)")
+METRICS = ("preference_accuracy", "preference_margin", "answer_accuracy", "answer_f1", "answer_logp",
+           "answer_logp_change")
+
+
+def answer_match(response: str, answer: str) -> bool:
+    """True when `response` gives `answer`, after `reflect.normalize_answer` (lowercase, no punctuation or articles).
+
+    A match is an equal normalised text, or the answer's normalised tokens found as a contiguous run of whole
+    tokens in the response. Worked cases:
+        "Red."                    vs "red"        -> True   (both normalise to "red")
+        "The moving shape is red." vs "red"       -> True   ("red" is a whole token of the response)
+        "It moves to the LEFT!"   vs "left"       -> True
+        "reddish"                 vs "red"        -> False  (a token must match whole)
+        "There are 13 squares"    vs "3"          -> False
+        "a red big square"        vs "red square" -> False  (the phrase must be contiguous)
+        "red or blue"             vs "red"        -> True   (a hedge that names the answer counts: the rule is lenient)
+        ""                        vs "red"        -> False; "" vs "" -> True
+    """
+    said, truth = reflect.normalize_answer(response), reflect.normalize_answer(answer)
+    if said == truth:
+        return True
+    return bool(truth) and f" {truth} " in f" {said} "
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def _row(run_id: str, model: str, split: str, metric: str, value: float, n: int, **details: Any) -> dict:
+    return {"run_id": run_id, "model": model, "split": split, "metric": metric, "value": float(value), "n": int(n),
+            "details": json.dumps(details, sort_keys=True) if details else None}
+
+
+def _select(clip: np.ndarray, row: dict, indices: list[int]) -> np.ndarray:
+    """The frames of `clip` at source `indices` (all of it when they are the row's own)."""
+    if list(indices) == list(row["frame_indices"]):
+        return clip
+    position = {index: i for i, index in enumerate(row["frame_indices"])}
+    return clip[[position[i] for i in indices]]
+
+
+def heldout_pairs(pairs_uri: str, store: frames.FrameStore, options: io.StorageOptions | None) -> tuple[list, dict]:
+    """(scoring items for the kept pairs: two per pair, chosen then rejected; counts for the details column)."""
+    pairs = [p for p in io.read_table(pairs_uri, schemas.PAIRS, options).to_pylist() if p["kept"]]
+    loaded = store.load(sorted({p["video_key"] for p in pairs}))
+    items, missing = [], 0
+    for pair in pairs:
+        if pair["video_key"] not in loaded:
+            missing += 1
+            continue
+        clip, row = loaded[pair["video_key"]]
+        for side in ("chosen", "rejected"):
+            indices = pair[f"{side}_frame_indices"]
+            pixels = _select(clip, row, indices)
+            items.append({"id": pair["id"], "question": pair["prompt"], "response": pair[side], "frames": pixels,
+                          "meta": frames.frames_metadata(row, pixels, indices), "finish_reason": "stop"})
+    return items, {"pairs_kept": len(pairs), "missing_frames": missing}
+
+
+def heldout_questions(videos_uri: str, store: frames.FrameStore, config: EvaluateConfig,
+                      options: io.StorageOptions | None) -> tuple[list[dict], dict]:
+    """(items of the held-out split: question, ground-truth answer as `response`, source, frames, meta; counts)."""
+    rows = [r for r in io.read_table(videos_uri, schemas.VIDEOS, options).to_pylist() if r["split"] == config.split]
+    if config.max_questions:
+        rows = rows[:config.max_questions]
+    keys = {r["video"]: store.key_for(r["video"]) for r in rows}
+    loaded = store.load(sorted({k for k in keys.values() if k}))
+    items = []
+    for r in rows:
+        if keys[r["video"]] not in loaded:
+            continue
+        clip, row = loaded[keys[r["video"]]]
+        items.append({"id": r["id"], "question": r["question"], "response": r["answer"], "answer": r["answer"],
+                      "source": r["source"] or "", "frames": clip, "meta": frames.frames_metadata(row, clip),
+                      "finish_reason": "stop"})
+    return items, {"questions": len(rows), "missing_frames": len(rows) - len(items)}
+
+
+def score(model_dir: str, items: list[dict], config: EvaluateConfig) -> list[float]:
+    """rbar of each item's response under `model_dir` (fp32, lean path), in `items` order."""
+    import torch
+
+    if not items:
+        return []
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor, adapter = models.load_model(model_dir, dtype=torch.float32, device=device)
+    try:
+        return [mean for mean, _ in reflect.sft_scores(model.eval(), processor, adapter, items, config.batch_size)]
+    finally:
+        del model
+        reflect.free_memory()
+
+
+def generate_answers(model_dir: str, items: list[dict], config: EvaluateConfig) -> list[str]:
+    """Greedy answers of `model_dir` to each item's plain question, through the generation engine."""
+    from leanpo_core.engine import Request, open_engine
+
+    if not items:
+        return []
+    engine = open_engine(model_dir, backend=config.backend, seed=config.seed, max_model_len=config.max_model_len,
+                         max_tokens_hint=config.max_new_tokens)
+    try:
+        requests = [Request(prompt=engine.adapter.build_prompt(engine.processor, prompts.plain_prompt(it["question"])),
+                            frames=it["frames"], meta=it["meta"], n=1, temperature=0.0, top_p=1.0,
+                            max_tokens=config.max_new_tokens, seed=config.seed) for it in items]
+        return [completions[0].text for completions in engine.generate(requests)]
+    finally:
+        engine.close()
+
+
+def preference_rows(run_id: str, model: str, split: str, rbar: list[float], counts: dict) -> list[dict]:
+    """preference_accuracy and preference_margin from rbar of (chosen, rejected, chosen, rejected, ...)."""
+    margins = [c - r for c, r in zip(rbar[0::2], rbar[1::2])]
+    wins = [m > 0 for m in margins]
+    return [_row(run_id, model, split, "preference_accuracy", _mean(wins), len(wins), **counts),
+            _row(run_id, model, split, "preference_margin", _mean(margins), len(margins), **counts)]
+
+
+def answer_rows(run_id: str, model: str, split: str, items: list[dict], responses: list[str],
+                counts: dict) -> list[dict]:
+    """answer_accuracy (synthetic items, `answer_match`) and answer_f1 (other items, token F1) of the responses."""
+    exact, f1 = [], []
+    for it, response in zip(items, responses, strict=True):
+        if it["source"] == "synthetic":
+            exact.append(answer_match(response, it["answer"]))
+        else:
+            f1.append(reflect.token_f1(response, it["answer"]))
+    return [_row(run_id, model, split, "answer_accuracy", _mean(exact), len(exact), rule=MATCH_RULE, **counts),
+            _row(run_id, model, split, "answer_f1", _mean(f1), len(f1), **counts)]
+
+
+def _split_label(pair_items: list[dict], videos_uri: str, options: io.StorageOptions | None) -> str:
+    """The videos-table split(s) the pairs' questions come from, e.g. "test" ("pairs" when none is known)."""
+    split_of = {r["id"]: r["split"] for r in io.read_table(videos_uri, schemas.VIDEOS, options)
+                .select(["id", "split"]).to_pylist()}
+    found = sorted({split_of.get(it["id"]) or "" for it in pair_items} - {""})
+    return "+".join(found) or "pairs"
+
+
+def run_evaluate(model: str, videos_uri: str, frames_uri: str, pairs_uri: str | None, out_uri: str,
+                 config: EvaluateConfig, run_id: str, baseline_model: str | None = None,
+                 options: io.StorageOptions | None = None) -> io.Manifest:
+    """Evaluate `model` (and `baseline_model`) and write the EVALUATION table to out_uri plus its markdown report.
+
+    pairs_uri: a pairs table of held-out questions (None: no preference metrics). Returns the table's manifest.
+    """
+    store = frames.FrameStore(frames_uri, options)
+    pair_items, pair_counts = heldout_pairs(pairs_uri, store, options) if pairs_uri else ([], {})
+    questions, question_counts = heldout_questions(videos_uri, store, config, options)
+    pair_split = _split_label(pair_items, videos_uri, options) if pairs_uri else ""
+    models_ = [model] + ([baseline_model] if baseline_model else [])
+    # Likelihoods first for every model, generation after: see the module docstring.
+    rbars = {m: (score(m, pair_items, config), score(m, questions, config)) for m in models_}
+    rows = []
+    for m in models_:
+        pair_rbar, answer_rbar = rbars[m]
+        if pairs_uri:
+            rows += preference_rows(run_id, m, pair_split, pair_rbar, pair_counts)
+        rows += answer_rows(run_id, m, config.split, questions, generate_answers(m, questions, config),
+                            question_counts)
+        rows.append(_row(run_id, m, config.split, "answer_logp", _mean(answer_rbar), len(answer_rbar),
+                         **question_counts))
+    if baseline_model:
+        change = [a - b for a, b in zip(rbars[model][1], rbars[baseline_model][1])]
+        rows.append(_row(run_id, model, config.split, "answer_logp_change", _mean(change), len(change),
+                         baseline=baseline_model, **question_counts))
+    manifest = io.write_table(rows, out_uri, schemas.EVALUATION, options)
+    io.write_bytes(report_uri(out_uri), report(rows, model, baseline_model, run_id).encode(), options)
+    return manifest
+
+
+def report_uri(out_uri: str) -> str:
+    """Where the markdown report of the table at `out_uri` goes: the same name with .md for .parquet."""
+    return out_uri.removesuffix(".parquet") + ".md"
+
+
+def _fmt(value: float, n: int) -> str:
+    return "n/a" if n == 0 or math.isnan(value) else f"{value:.4f} (n={n})"
+
+
+def report(rows: list[dict], model: str, baseline: str | None, run_id: str) -> str:
+    """A markdown table of the metrics, one column per model (model first, then the baseline)."""
+    columns = [model] + ([baseline] if baseline else [])
+    values = {(r["model"], r["metric"]): r for r in rows}
+    names = [m for m in METRICS if any(r["metric"] == m for r in rows)]
+    lines = [f"# Evaluation `{run_id}`", "", f"- model: `{model}`"]
+    if baseline:
+        lines.append(f"- baseline: `{baseline}`")
+    lines += ["", "| metric | split | " + " | ".join(f"`{Path(c).name or c}`" for c in columns) + " |",
+              "|---|---|" + "---|" * len(columns)]
+    for name in names:
+        split = next(r["split"] for r in rows if r["metric"] == name)
+        cells = [_fmt(values[(c, name)]["value"], values[(c, name)]["n"]) if (c, name) in values else ""
+                 for c in columns]
+        lines.append(f"| {name} | {split} | " + " | ".join(cells) + " |")
+    lines += ["", "rbar: mean token log-prob of a response given the clean frames and the plain question.",
+              f"answer_accuracy counts a match when the {MATCH_RULE}; answer_f1 is SQuAD token F1.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> io.Manifest:
+    """CLI: evaluate a model (and a baseline) on a run's held-out data (paths from --root, each overridable)."""
+    parser = argparse.ArgumentParser(prog="python -m leanpo_core.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model to evaluate: local folder or hub id")
+    parser.add_argument("--baseline", help="model to compare against (e.g. the SFT model); evaluated alike")
+    parser.add_argument("--root", help="run root (local folder or s3:// prefix); tables at their layout paths")
+    parser.add_argument("--videos", help="videos table URI (held-out questions), overriding --root's")
+    parser.add_argument("--frames", help="frames table URI, overriding --root's")
+    parser.add_argument("--pairs", help="held-out pairs table URI (default: --root's pairs table if it exists)")
+    parser.add_argument("--out", help="evaluation table URI (default: <root>/evaluation/<run-id>.parquet); the "
+                        "markdown report goes next to it")
+    parser.add_argument("--config", help="YAML/JSON file of EvaluateConfig fields (default: all defaults)")
+    parser.add_argument("--run-id", default="eval", help="run id recorded in every row (default: eval)")
+    args = parser.parse_args(argv)
+    layout = RunLayout(args.root) if args.root else None
+    videos = args.videos or (layout and layout.videos)
+    frames_uri = args.frames or (layout and layout.frames)
+    out = args.out or (layout and layout.evaluation(args.run_id))
+    missing = [f"--{name}" for name, uri in (("videos", videos), ("frames", frames_uri), ("out", out)) if not uri]
+    if missing:
+        parser.error(f"give --root or every table URI (missing: {', '.join(missing)})")
+    pairs = args.pairs or (layout.pairs if layout and io.exists(layout.pairs) else None)
+    config = load_config(args.config, EvaluateConfig) if args.config else EvaluateConfig()
+    manifest = run_evaluate(args.model, videos, frames_uri, pairs, out, config, args.run_id, args.baseline)
+    print(f"{manifest.rows} evaluation rows written to {manifest.uri}; report at {report_uri(out)}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,482 @@
+"""Train: LeanPO (and its baselines SimPO, DPO, SFT) on self-generated video preference pairs.
+
+Reads the kept rows of the pairs table and the frames the sampling stage used (never re-sampled), and trains with a
+`transformers.Trainer` subclass (not TRL). A pair's video goes through the vision tower ONCE and its features serve
+both the chosen and the rejected sequence; logits exist only at response positions (METHOD.md section 5).
+Objectives: `leanpo` (default, METHOD.md section 2), `simpo`, `dpo` (frozen reference copy) and `sft` (the CE term
+on chosen responses alone). Writes `<out>/metrics.parquet` (table train_metrics), `<out>/metrics.png`, TensorBoard
+events under `<out>/runs`, checkpoints `<out>/checkpoint-N` and the exported model `<out>/model` (safetensors).
+
+    python -m leanpo_core.train --config train.yaml --root /data/run1 --run-id r1     # -> /data/run1/train/r1
+    python -m leanpo_core.train --config train.yaml --pairs s3://b/run1/pairs.parquet --frames s3://b/run1/frames \\
+        --out /scratch/r1
+    torchrun --nproc_per_node 2 -m leanpo_core.train --config train.yaml --root /data/run1 --run-id r1
+    deepspeed --num_gpus 2 --module leanpo_core.train --config train.yaml --root /data/run1 --run-id r1
+
+The likelihood-displacement monitor (`displacement/*`) compares rbar now with rbar under the SAME input before
+training: the reflect stage's SFT score (`*_sft_logp`), measured on the plain question and clean frames. The
+generation-time log-probs are only a fallback (chosen: measured under the hint/reflection prompt; rejected: under the
+2-frame lean view), so with them the monitor also carries the change of input, not only of the model.
+
+With `deepspeed: zero2|zero3` the config of deployments/ds_zero{2,3}.json is used (its "auto" values are filled
+from the TrainConfig). The config file holds TrainConfig fields (YAML or JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from leanpo_core import frames as frames_mod
+from leanpo_core import io, logps, loss, models, prompts, schemas
+from leanpo_core.config import TrainConfig, load_config
+from leanpo_core.layout import RunLayout, add_table_arguments, table_arguments
+
+DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
+METRIC_COLUMNS = [c for c in schemas.TRAIN_METRICS.columns if c not in ("run_id", "step", "epoch")]
+# Columns of a pair batch that are not model inputs.
+_SIDE_INFO = ("chosen_baseline", "rejected_baseline")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Where a run left its outputs, and how far it went."""
+
+    output_dir: str
+    model_dir: str
+    metrics_uri: str
+    plot_path: str
+    steps: int
+    final_loss: float
+    model: Any = dataclasses.field(default=None, repr=False)  # the trained model in memory (unwrapped)
+
+
+# ---------------------------------------------------------------- data
+
+
+def displacement_baseline(row: dict, side: str) -> float:
+    """rbar of a response before training, under the TRAINING input (plain question, clean frames).
+
+    The reflect stage's SFT log-prob (`<side>_sft_logp`) is measured under exactly that input; the generation-time
+    log-prob is not (chosen: the hint/reflection prompt; rejected: the 2-frame lean view), so it is only the
+    fallback when no SFT score was stored. NaN when neither is known.
+    """
+    sft = row.get(f"{side}_sft_logp")
+    if sft is not None and math.isfinite(sft):
+        return float(sft)
+    gen = row.get(f"{side}_gen_logp")
+    return float(gen) if gen is not None else float("nan")
+
+
+class PairsDataset(torch.utils.data.Dataset):
+    """Kept pairs, each encoded as (chosen, rejected) model inputs over the same stored frames.
+
+    Frames come from the frames table through `FrameStore`, a whole shard per lookup, the last `cache_shards`
+    shards kept decoded. The prompt is the plain question in the model's chat template (as the reflect stage scores
+    and evaluation asks); each response is tokenised apart from the prompt and closed with the end-of-reply token.
+    """
+
+    def __init__(self, pairs_uri: str, frames_uri: str, processor, adapter: models.FamilyAdapter, max_length: int,
+                 options: io.StorageOptions | None = None, cache_shards: int = 4):
+        table = io.read_table(pairs_uri, schemas.PAIRS, options)
+        self.rows = [r for r in table.to_pylist() if r["kept"]]
+        if not self.rows:
+            raise ValueError(f"no kept pairs in {pairs_uri}")
+        self.store = frames_mod.FrameStore(frames_uri, options)
+        for row in self.rows:
+            if row["video_key"] not in self.store.rows:
+                raise ValueError(f"pair {row['pair_id']}: video_key {row['video_key']!r} not in {frames_uri}")
+            if list(row["chosen_frame_indices"]) != list(row["rejected_frame_indices"]):
+                raise ValueError(f"pair {row['pair_id']}: chosen and rejected are scored on different frames; "
+                                 "the trainer encodes one video per pair")
+        self.processor, self.adapter, self.max_length = processor, adapter, max_length
+        self.cache_shards = cache_shards
+        self._shards: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        tokenizer = getattr(processor, "tokenizer", processor)
+        # Text tokens only: under one frames config every pair's video adds the same number of tokens.
+        self.lengths = [len(tokenizer(r["prompt"] + r["chosen"] + r["rejected"])["input_ids"]) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _frames(self, key: str) -> tuple[np.ndarray, dict]:
+        shard = self.store.rows[key]["shard_uri"]
+        if shard not in self._shards:
+            keys = [k for k, r in self.store.rows.items() if r["shard_uri"] == shard]
+            self._shards[shard] = self.store.load(keys)
+            while len(self._shards) > self.cache_shards:
+                self._shards.popitem(last=False)
+        self._shards.move_to_end(shard)
+        return self._shards[shard][key]
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        pixels, frame_row = self._frames(row["video_key"])
+        stored = list(frame_row["frame_indices"])
+        wanted = list(row["chosen_frame_indices"])
+        positions = [stored.index(i) for i in wanted]
+        clip = pixels if positions == list(range(len(stored))) else pixels[positions]
+        meta = frames_mod.frames_metadata(frame_row, clip, wanted)
+        prompt = self.adapter.build_prompt(self.processor, prompts.plain_prompt(row["prompt"]))
+        chosen = self.adapter.encode(self.processor, clip, prompt, row["chosen"], meta=meta, add_end=True)
+        rejected = self.adapter.encode(self.processor, clip, prompt, row["rejected"], meta=meta, add_end=True)
+        return {"chosen": self._truncate(chosen, row), "rejected": self._truncate(rejected, row),
+                "chosen_baseline": displacement_baseline(row, "chosen"),
+                "rejected_baseline": displacement_baseline(row, "rejected")}
+
+    def _truncate(self, inputs: dict, row: dict) -> dict:
+        """Cut the response tail past max_length; the prompt (with its video tokens) must fit whole."""
+        length = inputs["input_ids"].shape[1]
+        if length <= self.max_length:
+            return inputs
+        prompt_len = int((inputs["labels"][0] == models.IGNORE_INDEX).sum())
+        if prompt_len >= self.max_length:
+            raise ValueError(f"pair {row['pair_id']}: the prompt alone has {prompt_len} tokens, max_length is "
+                             f"{self.max_length}")
+        return {k: v[:, :self.max_length] if models.is_per_token(k) else v for k, v in inputs.items()}
+
+
+@dataclasses.dataclass
+class PairCollator:
+    """A batch of B pairs: per-token tensors of 2B rows (B chosen, then B rejected), right-padded to one length;
+    the vision inputs of the B videos once; the displacement baselines (B,) of each side."""
+
+    pad_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        chosen = [it["chosen"] for it in items]
+        tokens = [{k: v for k, v in seq.items() if models.is_per_token(k)}
+                  for seq in chosen + [it["rejected"] for it in items]]
+        batch = models.collate(tokens, self.pad_id)
+        for key in chosen[0]:
+            if not models.is_per_token(key):
+                batch[key] = torch.cat([seq[key] for seq in chosen], dim=0)
+        for side in _SIDE_INFO:
+            batch[side] = torch.tensor([it[side] for it in items], dtype=torch.float64)
+        return batch
+
+
+# ---------------------------------------------------------------- forward and loss
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in _SIDE_INFO and k != "labels"}
+
+
+def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0):
+    """Lean path: (sums, counts) of response log-probs, each (2B,), chosen rows first; vision once per pair,
+    logits only at response positions."""
+    hidden = adapter.shared_video_hidden_states(model, model_inputs(batch), copies=2)
+    return logps.response_logps(hidden, batch["labels"], models.output_projection(model), chunk_size)
+
+
+class PairPolicy(torch.nn.Module):
+    """The policy as the Trainer sees it: `forward(**pair_batch)` is the lean path, returning (sums, counts).
+
+    Wrapping the HF model (not calling its backbone from `compute_loss`) keeps the lean forward inside the
+    distributed wrapper's own forward: DDP all-reduces only gradients of a backward that followed its forward, and
+    DeepSpeed hooks its forward too.
+    """
+
+    def __init__(self, model, adapter: models.FamilyAdapter, chunk_size: int = 0):
+        super().__init__()
+        self.model, self.adapter, self.chunk_size = model, adapter, chunk_size
+        self.config = models.unwrap(model).config
+
+    def forward(self, **batch):
+        return pair_logps(self.model, self.adapter, batch, self.chunk_size)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+
+def naive_pair_logps(model, batch: dict):
+    """Baseline path: one forward of all 2B sequences, each with its own copy of the video, full logits."""
+    inputs = model_inputs(batch)
+    videos = {k: inputs.pop(k) for k in list(inputs) if not models.is_per_token(k)}
+    logits = model(**inputs, **models.repeat_videos(videos, 2)).logits
+    return logps.naive_response_logps(logits, batch["labels"])
+
+
+def _finite_or_none(values: torch.Tensor) -> torch.Tensor | None:
+    return values if bool(torch.isfinite(values).all()) else None
+
+
+def objective_loss(config: TrainConfig, sums: torch.Tensor, counts: torch.Tensor, batch: dict,
+                   ref_sums: torch.Tensor | None = None) -> loss.LossOutput:
+    """The configured objective over a pair batch's (2B,) log-prob sums and counts (chosen rows first).
+
+    Displacement is rbar_now minus the pair's baseline (`displacement_baseline`), reported only when every pair of
+    the batch has one.
+    """
+    half = sums.shape[0] // 2
+    cs, rs, cn, rn = sums[:half], sums[half:], counts[:half], counts[half:]
+    base_c = _finite_or_none(batch["chosen_baseline"].to(sums.device))
+    base_r = _finite_or_none(batch["rejected_baseline"].to(sums.device))
+    beta = config.effective_beta
+    if config.objective == "leanpo":
+        return loss.leanpo_loss(cs, cn, rs, rn, beta=beta, gamma=config.gamma, eps=config.label_smoothing,
+                                d=config.smoothing_threshold, smoothing=config.smoothing_form,
+                                sft_weight=config.sft_weight, chosen_gen_logps=base_c, rejected_gen_logps=base_r)
+    if config.objective == "dpo":
+        return loss.dpo_loss(cs, cn, rs, rn, ref_sums[:half], ref_sums[half:], beta=beta,
+                             chosen_gen_logps=base_c, rejected_gen_logps=base_r)
+    if config.objective == "simpo":
+        out = loss.simpo_loss(cs, cn, rs, rn, beta=beta, gamma=config.gamma)
+    else:
+        sft = -cs.sum() / cn.sum()
+        rbar_c, rbar_r = cs / cn, rs / rn
+        out = loss.LossOutput(sft, -rbar_c, rbar_c, rbar_r, {
+            "loss": sft.item(), "loss/sft": sft.item(),
+            "logps/chosen": rbar_c.detach().mean().item(), "logps/rejected": rbar_r.detach().mean().item()})
+    for side, now, base in (("chosen", cs / cn, base_c), ("rejected", rs / rn, base_r)):
+        if base is not None:
+            out.metrics[f"displacement/{side}"] = (now.detach().double() - base.double()).mean().item()
+    return out
+
+
+# ---------------------------------------------------------------- model setup
+
+
+def _freeze_vision(model) -> None:
+    """Train the language model and LM head only: vision tower, projector (and LLaVA's image_newline) frozen."""
+    hf = models.unwrap(model)
+    keep = {id(p) for p in hf.model.language_model.parameters()}
+    keep |= {id(p) for p in hf.get_output_embeddings().parameters()}
+    for p in hf.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
+def _add_lora(model, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    return get_peft_model(model, lora)
+
+
+def _use_bf16(config: TrainConfig) -> bool:
+    return config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_available())
+
+
+def _training_arguments(config: TrainConfig, output_dir: str, logging_steps: int = 1):
+    from transformers import TrainingArguments
+
+    ds = None if config.deepspeed == "none" else str(DEPLOYMENTS / f"ds_{config.deepspeed}.json")
+    return TrainingArguments(
+        output_dir=output_dir, seed=config.seed, data_seed=config.seed,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay, num_train_epochs=config.epochs, max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        bf16=_use_bf16(config), save_strategy="steps", save_steps=config.save_steps, logging_steps=logging_steps,
+        report_to=["tensorboard"], remove_unused_columns=False,  # TensorBoard events: <output_dir>/runs/...
+        dataloader_num_workers=0, deepspeed=ds, use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _make_trainer_class():
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class PreferenceTrainer(Trainer):
+        """Trainer whose loss is a preference objective over the lean pair forward; logs its metrics."""
+
+        def __init__(self, *args, leanpo_config: TrainConfig, adapter: models.FamilyAdapter, run_id: str,
+                     ref_model=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.leanpo_config, self.adapter, self.run_id, self.ref_model = leanpo_config, adapter, run_id, ref_model
+            self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: Trainer divides by GA
+            self._pending: list[dict[str, float]] = []
+            self.metric_rows: list[dict] = []
+
+        def _get_train_sampler(self, train_dataset=None):
+            generator = torch.Generator().manual_seed(self.args.data_seed)
+            return LengthGroupedSampler(self.args.train_batch_size, lengths=self.train_dataset.lengths,
+                                        generator=generator)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            sums, counts = model(**{k: v for k, v in inputs.items() if k not in _SIDE_INFO})
+            ref = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref, _ = pair_logps(self.ref_model, self.adapter, inputs, self.leanpo_config.logits_chunk_size)
+            out = objective_loss(self.leanpo_config, sums, counts, inputs, ref)
+            if model.training:
+                self._pending.append(out.metrics)
+            return (out.loss, out) if return_outputs else out.loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if self._pending and "loss" in logs:
+                averaged = {k: float(np.mean([m[k] for m in self._pending if k in m]))
+                            for k in dict.fromkeys(k for m in self._pending for k in m)}
+                self._pending.clear()
+                logs.update({k: v for k, v in averaged.items() if k != "loss"})
+                row = {"run_id": self.run_id, "step": self.state.global_step, "epoch": float(self.state.epoch or 0)}
+                row.update({c: (float(logs[c]) if logs.get(c) is not None else None) for c in METRIC_COLUMNS})
+                self.metric_rows.append(row)
+            super().log(logs, start_time)
+
+    class MetricsCallback(TrainerCallback):
+        """Metrics table and plot at every checkpoint and at the end (world process zero only)."""
+
+        def __init__(self, trainer, output_dir: str, options):
+            self.trainer, self.output_dir, self.options = trainer, output_dir, options
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                write_metrics(self.trainer.metric_rows, self.output_dir, self.options)
+
+    return PreferenceTrainer, MetricsCallback
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_metrics(rows: list[dict], output_dir: str, options: io.StorageOptions | None = None) -> tuple[str, str]:
+    """Write the train_metrics table and its plot; return (table URI, PNG path)."""
+    uri = io.join_uri(output_dir, "metrics.parquet")
+    io.write_table(rows, uri, schemas.TRAIN_METRICS, options)
+    png = str(Path(output_dir) / "metrics.png")
+    plot_metrics(rows, png)
+    return uri, png
+
+
+def resumed_metrics(output_dir: str, step: int, options: io.StorageOptions | None = None) -> list[dict]:
+    """The metrics rows an interrupted run logged up to `step` (its checkpoint wrote them), or none."""
+    uri = io.join_uri(output_dir, "metrics.parquet")
+    if not io.exists(uri, options):
+        return []
+    return [r for r in io.read_table(uri, schemas.TRAIN_METRICS, options).to_pylist() if r["step"] <= step]
+
+
+def plot_metrics(rows: list[dict], path: str) -> None:
+    """Two panels over steps: chosen and rejected mean log-probs (the paper's Figure 1 view); the reward margin and
+    the smoothing gate's active share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(name):
+        return [r["step"] for r in rows], [np.nan if r.get(name) is None else r[name] for r in rows]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for name, label in (("logps/chosen", "chosen"), ("logps/rejected", "rejected")):
+        top.plot(*series(name), marker=".", label=label)
+    top.set_ylabel("mean token log-prob")
+    top.legend()
+    bottom.plot(*series("rewards/margins"), marker=".", color="tab:green", label="reward margin")
+    bottom.set_ylabel("reward margin")
+    share = bottom.twinx()
+    share.plot(*series("label_smoothing/active_fraction"), marker=".", color="tab:red", label="smoothing active")
+    share.set_ylabel("smoothing gate active share")
+    share.set_ylim(-0.05, 1.05)
+    bottom.set_xlabel("step")
+    fig.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def export_model(trainer, processor, model_dir: str):
+    """A plain Hugging Face folder (safetensors + processor) that `from_pretrained` loads; LoRA merged in.
+
+    Returns the trained model in memory (unwrapped; under ZeRO-3 its local parameters are partitioned)."""
+    model = trainer.accelerator.unwrap_model(trainer.model).model
+    state = None
+    if trainer.is_deepspeed_enabled and trainer.args.hf_deepspeed_config.is_zero3():
+        # Every rank takes part in gathering the partitioned weights (LoRA is refused with ZeRO-3 by TrainConfig).
+        full = trainer.accelerator.get_state_dict(trainer.deepspeed)  # None except on the saving rank
+        state = None if full is None else {k.removeprefix("model."): v for k, v in full.items()}
+    if trainer.args.should_save:
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(model_dir, state_dict=state)
+        processor.save_pretrained(model_dir)
+    return model
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
+          options: io.StorageOptions | None = None, run_id: str | None = None) -> TrainResult:
+    """Train `config.model` on the kept pairs with `config.objective`; outputs under the local `output_dir`.
+
+    A run whose `output_dir` holds checkpoints resumes from the last one (weights, optimizer, scheduler, RNG and
+    data position, as the Trainer stores them) and keeps the metrics rows logged up to it.
+    """
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    set_seed(config.seed)
+    model, processor, adapter = models.load_model(config.model, dtype=torch.float32, device=None)
+    model.config.use_cache = False
+    ref_model = None
+    if config.objective == "dpo":
+        ref_model, _, _ = models.load_model(config.model, dtype=torch.float32, device=None)
+        ref_model.eval().requires_grad_(False)
+    if config.freeze_vision:
+        _freeze_vision(model)
+    if config.lora:
+        model = _add_lora(model, config.lora_rank)
+    dataset = PairsDataset(pairs_uri, frames_uri, processor, adapter, config.max_length, options)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    args = _training_arguments(config, output_dir)
+    trainer_cls, callback_cls = _make_trainer_class()
+    run_id = run_id or Path(output_dir).name
+    trainer = trainer_cls(model=PairPolicy(model, adapter, config.logits_chunk_size), args=args, train_dataset=dataset,
+                          data_collator=PairCollator(tokenizer.pad_token_id or 0), leanpo_config=config,
+                          adapter=adapter, run_id=run_id, ref_model=ref_model)
+    if ref_model is not None:
+        ref_model.to(trainer.args.device)
+    trainer.add_callback(callback_cls(trainer, output_dir, options))
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is not None:
+        trainer.metric_rows = resumed_metrics(output_dir, int(Path(last).name.split("-")[-1]), options)
+    output = trainer.train(resume_from_checkpoint=last)
+    model_dir = str(Path(output_dir) / "model")
+    trained = export_model(trainer, processor, model_dir)
+    metrics_uri, png = io.join_uri(output_dir, "metrics.parquet"), str(Path(output_dir) / "metrics.png")
+    if trainer.is_world_process_zero():
+        metrics_uri, png = write_metrics(trainer.metric_rows, output_dir, options)
+    return TrainResult(output_dir=output_dir, model_dir=model_dir, metrics_uri=metrics_uri, plot_path=png,
+                       steps=trainer.state.global_step, final_loss=float(output.training_loss),
+                       model=trained)
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """CLI: train on a pairs table and its frames (locations from --root, each overridable)."""
+    parser = argparse.ArgumentParser(prog="python -m leanpo_core.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML/JSON file of TrainConfig fields")
+    add_table_arguments(parser, "train", ("pairs", "frames"))
+    parser.add_argument("--out", help="LOCAL output folder (checkpoints, metrics, model); default: the run "
+                        "layout's train/<run id> under a local --root")
+    parser.add_argument("--run-id", help="run id in the metrics table (default: the config's hash)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed
+    args = parser.parse_args(argv)
+    uris = table_arguments(parser, args, "train", ("pairs", "frames"))
+    config = load_config(args.config, TrainConfig)
+    run_id = args.run_id or config.config_hash()
+    out = args.out or (RunLayout(args.root).train(run_id) if args.root and "://" not in args.root else None)
+    if not out:
+        parser.error("give --out (a local folder) unless --root is a local folder")
+    result = train(config, uris["pairs"], uris["frames"], out, run_id=run_id)
+    print(f"trained {result.steps} step(s), final loss {result.final_loss:.4f}; model at {result.model_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
