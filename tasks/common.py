@@ -1,14 +1,12 @@
-"""What every task shares: which failures are worth a retry, the content-keyed cache, and artifacts for tables."""
+"""What every task shares: which failures are worth a retry, and artifacts for the tables a task wrote."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from leanpo_core import __version__, io, schemas
+from leanpo_core import io, schemas
 from leanpo_core.config import ConfigError
 
 # Errors a retry cannot fix: the same input and config fail the same way again.
@@ -26,12 +24,6 @@ def transient_only(task, task_run, state) -> bool:
     except Exception:
         return True
     return False
-
-
-def content_key(*parts: Any) -> str:
-    """Cache key from content: input manifests' hashes, config hashes and the code version."""
-    canonical = json.dumps([__version__, *parts], sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _cell(value: Any) -> Any:
