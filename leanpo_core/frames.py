@@ -348,14 +348,6 @@ class FramesResult:
     skipped_shards: int = 0  # already done (resume)
 
 
-def _column(uri: str, name: str, options: io.StorageOptions | None) -> list:
-    import pyarrow.parquet as pq
-
-    fs, path = io.filesystem(uri, options)
-    with fs.open(path, "rb") as f:  # one column: a resume check must not download every shard's pixels
-        return pq.ParquetFile(f).read(columns=[name]).column(name).to_pylist()
-
-
 def _shard_done(frames_uri: str, failures_uri: str, keys: list[str], options: io.StorageOptions | None) -> bool:
     """Done: both shards and manifests exist, the manifest describes the stored bytes, and the keys match the plan."""
     try:
@@ -366,7 +358,9 @@ def _shard_done(frames_uri: str, failures_uri: str, keys: list[str], options: io
                 return False
     except FileNotFoundError:
         return False
-    stored = _column(frames_uri, "video_key", options) + _column(failures_uri, "id", options)
+    # one column each by ranged reads: a resume check must not download every shard's pixels
+    stored = (io.read_columns(frames_uri, schemas.FRAMES, ["video_key"], options).column("video_key").to_pylist()
+              + io.read_columns(failures_uri, schemas.FAILURES, ["id"], options).column("id").to_pylist())
     return sorted(stored) == sorted(keys)
 
 
@@ -445,28 +439,12 @@ def _write_pair(index: int, rows: list[dict], failures: list[dict], frames_uri: 
 
 def load_frames(frames_uri: str, video_keys: list[str] | None = None,
                 options: io.StorageOptions | None = None) -> dict[str, tuple[np.ndarray, dict]]:
-    """{video_key: (frames (T, H, W, 3) uint8, read-only; the row's other columns)} of the frames shards.
+    """{video_key: (frames (T, H, W, 3) uint8; the row's other columns)} of the frames table (all keys by default).
 
-    With `video_keys`, only shards holding one of them are downloaded; keys not found are simply absent.
+    Only shards holding one of `video_keys` are downloaded; keys not found are simply absent.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    wanted = None if video_keys is None else set(video_keys)
-    shard_name = re.compile(re.escape(io.SHARD_PREFIX) + r"\d+\.parquet")
-    out: dict[str, tuple[np.ndarray, dict]] = {}
-    for uri in io.list_uris(frames_uri, options):
-        if not shard_name.fullmatch(uri.rsplit("/", 1)[-1]):
-            continue
-        if wanted is not None and not wanted.intersection(_column(uri, "video_key", options)):
-            continue
-        table = io.read_table(uri, schemas.FRAMES, options)
-        if wanted is not None:
-            table = table.filter(pc.is_in(table.column("video_key"), pa.array(sorted(wanted), pa.string())))
-        for row in table.to_pylist():
-            pixels = row.pop("frames")
-            out[row["video_key"]] = (np.frombuffer(pixels, dtype=np.uint8).reshape(row["frames_shape"]), row)
-    return out
+    store = FrameStore(frames_uri, options)
+    return store.load(list(store.rows) if video_keys is None else video_keys)
 
 
 def frames_metadata(row: dict, frames: np.ndarray, frame_indices: list[int] | None = None) -> dict:
