@@ -15,6 +15,19 @@ venv=${LEANPO_VENV:-.venv}
 req=requirements/$target.txt
 [ -f "$req" ] || { echo "setup: unknown LEANPO_TARGET '$target' (expected cpu or gpu)" >&2; exit 2; }
 
+# The UI test (tests/flows/test_ui.py) drives Debian's headless Chromium; the CPU target is the one tests run on.
+# Checked before the stamp so that a machine with an up-to-date venv still gets it. LEANPO_CHROMIUM=0: leave it out
+# (worker images).
+if [ "$target" = cpu ] && [ "${LEANPO_CHROMIUM:-1}" = 1 ] && ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium (Debian package) for the UI test"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
+  else
+    echo "setup: chromium is missing and cannot be installed here (needs root and apt-get): the UI test will fail" >&2
+  fi
+fi
+
 stamp="$venv/.leanpo-$target-$(cat "$req" setup/env.sh setup/torchvision_cpu_shim.py | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
