@@ -7,27 +7,99 @@ cancelled or timed-out run leaves no orphans: the child starts a new session and
 
     from leanpo_core.launch import run_module
     run_module("leanpo_core.sample", ["--config", "sample.yaml", ...], timeout_s=3600, log=logger.info)
+    run_module("leanpo_core.train", [...], launcher="torchrun", nproc_per_node=2)   # or launcher="deepspeed"
+
+A failed child raises LaunchError. Its `deterministic` is True when the stage refused its input (argparse usage, exit
+2, or `stage_entry`'s EXIT_BAD_INPUT, also when reported for one rank of a multi-rank run): a retry would fail the
+same way. Multi-rank failures name the rank that failed and carry that rank's own last lines.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+# sysexits.h EX_DATAERR: the stage refused its input or config; a retry with the same input fails the same way.
+EXIT_BAD_INPUT = 65
+_DETERMINISTIC_CODES = (2, EXIT_BAD_INPUT)  # 2: argparse's usage error
+LAUNCHERS = ("python", "torchrun", "deepspeed")
+
+# A rank's line as torchrun --tee prints it: "[default1]:text" (role name + local rank).
+_RANK_LINE = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")
+# torchrun's failure summary: "rank      : 1 (local_rank: 1)" then "exitcode  : -9 (pid: 123)".
+_TORCHRUN_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank")
+_TORCHRUN_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+# deepspeed.launcher.launch: "[..., '--local_rank=1'] exits with return code = -9".
+_DEEPSPEED_EXIT = re.compile(r"--local_rank=(\d+).*exits with return code = (-?\d+)")
 
 
 class LaunchError(RuntimeError):
-    """The child failed (non-zero exit, signal or timeout); the message ends with its last output lines."""
+    """The child failed (non-zero exit, signal or timeout); the message ends with its last output lines.
 
-    def __init__(self, message: str, returncode: int | None, tail: list[str]):
+    For a multi-rank child, `failed_rank` and `rank_returncode` name the rank whose failure took the run down
+    (`_failed_rank`; None when the launcher named none) and `rank_tail` holds that rank's own last lines (torchrun
+    prefixes them; the deepspeed launcher does not, so there it is empty and `tail` holds the interleaved output).
+    """
+
+    def __init__(self, message: str, returncode: int | None, tail: list[str], failed_rank: int | None = None,
+                 rank_returncode: int | None = None, rank_tail: list[str] | None = None):
+        self.returncode, self.tail = returncode, tail
+        self.failed_rank, self.rank_returncode, self.rank_tail = failed_rank, rank_returncode, rank_tail or []
+        if failed_rank is not None:
+            message += f"; rank {failed_rank} failed with {_how(rank_returncode)}"
+        if self.rank_tail:
+            message += f"\n--- last output of rank {failed_rank} ---\n" + "\n".join(self.rank_tail)
         super().__init__(message + ("\n--- last output ---\n" + "\n".join(tail) if tail else ""))
-        self.returncode = returncode
-        self.tail = tail
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the child (or its failed rank) refused its input: a retry cannot help."""
+        code = self.rank_returncode if self.rank_returncode is not None else self.returncode
+        return code in _DETERMINISTIC_CODES
+
+
+def _how(returncode: int | None) -> str:
+    if returncode is None:
+        return "an unknown status"
+    return f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+
+
+def _failed_rank(lines: Sequence[str]) -> tuple[int | None, int | None]:
+    """(rank, its exit code) of the rank whose failure took the run down, from a torchrun or deepspeed launcher's
+    report in `lines`; (None, None) if it named none.
+
+    Preference: a rank that refused its input (deterministic, so the whole run is); then a rank ended by a signal
+    other than the launcher's SIGTERM (SIGKILL by the OOM killer, a segfault), since its peers then fail on the
+    closed connection, possibly within the same second, which torchrun's root cause cannot order; then the first
+    failure the launcher reported (torchrun's root cause).
+    """
+    failures: list[tuple[int, int]] = []
+    rank, root = None, False
+    for line in lines:
+        root = root or "Root Cause" in line  # torchrun lists the other failures first, the root cause last
+        if m := _TORCHRUN_RANK.match(line):
+            rank = int(m.group(1))
+        elif (m := _TORCHRUN_EXIT.match(line)) and rank is not None:
+            failures.insert(0 if root else len(failures), (rank, int(m.group(1))))
+            rank = None
+        elif m := _DEEPSPEED_EXIT.search(line):
+            failures.append((int(m.group(1)), int(m.group(2))))
+    if not failures:
+        return None, None
+
+    def priority(failure: tuple[int, int]) -> int:
+        code = failure[1]
+        return 0 if code in _DETERMINISTIC_CODES else 1 if code < 0 and code != -signal.SIGTERM else 2
+
+    return min(failures, key=priority)
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
@@ -53,10 +125,14 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Non
         grace_s: float = 10.0) -> None:
     """Run `cmd` to completion in a new process group, passing each output line (stdout+stderr) to `log`.
 
-    Raises LaunchError with the last `tail_lines` lines if it exits non-zero or runs past `timeout_s`; on any
-    exception in the caller (KeyboardInterrupt, a cancellation) the group is killed before re-raising.
+    Raises LaunchError with the last `tail_lines` lines (and, for a multi-rank launcher, the failed rank's own last
+    lines) if it exits non-zero or runs past `timeout_s`; on any exception in the caller (KeyboardInterrupt, a
+    cancellation) the group is killed before re-raising.
     """
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    by_rank: dict[int, collections.deque[str]] = collections.defaultdict(
+        lambda: collections.deque(maxlen=tail_lines))
+    launcher_lines: collections.deque[str] = collections.deque(maxlen=400)  # unprefixed: the failure report
     proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
                             start_new_session=True)
@@ -65,6 +141,10 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Non
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
+            if m := _RANK_LINE.match(line):
+                by_rank[int(m.group(1))].append(m.group(2))
+            else:
+                launcher_lines.append(line)
             log(line)
 
     reader = threading.Thread(target=pump, daemon=True)
@@ -83,12 +163,83 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Non
     reader.join(timeout=5)
     _kill_group(proc, grace_s)  # the leader is gone; stray children of the group must not outlive it
     if proc.returncode != 0:
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        raise LaunchError(f"{' '.join(cmd[:4])} ... failed with {how}", proc.returncode, list(tail))
+        rank, rank_code = _failed_rank(launcher_lines)
+        raise LaunchError(f"{' '.join(cmd[:4])} ... failed with {_how(proc.returncode)}", proc.returncode,
+                          list(tail), rank, rank_code, list(by_rank.get(rank, ())) if rank is not None else None)
 
 
-def run_module(module: str, args: Sequence[str] = (), **kwargs) -> None:
-    """`run` for `python -m module args...` with this interpreter (so the child sees the same environment)."""
+def free_port() -> int:
+    """A TCP port nothing listens on now, chosen by the kernel (random among free ephemeral ports), so concurrent
+    launches do not share the fixed default 29500; the launcher binds it a moment later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_command(module: str, args: Sequence[str], *, nproc_per_node: int = 1, launcher: str = "torchrun",
+                        hostfile: str | None = None, master_port: int | None = None) -> list[str]:
+    """The command that runs `python -m module args` under `launcher`, with this interpreter.
+
+    - "python": one plain process (nproc_per_node must be 1, no hostfile).
+    - "torchrun" (`python -m torch.distributed.run`): one node, `nproc_per_node` ranks; `--standalone` lets the
+      rendezvous pick a free port unless `master_port` is given; `--tee 3` prefixes each rank's lines with
+      `[default<rank>]:`, which `run` uses to report the failed rank's own lines. Multi-node torchrun needs the
+      same command on every node with a rendezvous endpoint; use "deepspeed" with a hostfile for that.
+    - "deepspeed" (`python -m deepspeed.launcher.runner`, what the `deepspeed` console script runs): `--num_gpus`
+      ranks per node (on a CPU-only machine DeepSpeed's CPU accelerator counts ranks, not devices, and the ranks
+      talk over gloo), `--master_port` (a free one unless given), `--hostfile` for several nodes (the runner then
+      reaches them with pdsh/ssh and `--master_addr` is the first host). Without a hostfile the runner still
+      reads DeepSpeed's default `/job/hostfile` where one exists. The module gets `--local_rank=<n>`.
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    if launcher == "python":
+        if nproc_per_node != 1 or hostfile:
+            raise ValueError("launcher 'python' runs one process on one node: use 'torchrun' or 'deepspeed'")
+        return [sys.executable, "-m", module, *args]
+    if launcher == "torchrun":
+        if hostfile:
+            raise ValueError("a hostfile is for launcher 'deepspeed'; torchrun runs on each node with a rendezvous")
+        rendezvous = ["--standalone"] if master_port is None else ["--master_port", str(master_port)]
+        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc_per_node", str(nproc_per_node),
+                "--tee", "3", "-m", module, *args]
+    nodes = ["--hostfile", hostfile] if hostfile else []
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *nodes, "--num_gpus", str(nproc_per_node),
+            "--master_port", str(master_port or free_port()), "--module", module, *args]
+
+
+def run_module(module: str, args: Sequence[str] = (), *, launcher: str = "python", nproc_per_node: int = 1,
+               hostfile: str | None = None, master_port: int | None = None, **kwargs) -> None:
+    """`run` for `python -m module args...` with this interpreter (so the child sees the same environment), or under
+    a distributed launcher (`distributed_command`)."""
     env = kwargs.pop("env", None)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    run([sys.executable, "-m", module, *args], env=env, **kwargs)
+    cmd = distributed_command(module, args, nproc_per_node=nproc_per_node, launcher=launcher, hostfile=hostfile,
+                              master_port=master_port)
+    run(cmd, env=env, **kwargs)
+
+
+def stage_entry(main: Callable[[], Any]) -> None:
+    """Run a stage's CLI `main()`; a deterministic failure exits EXIT_BAD_INPUT with one line on stderr.
+
+    Deterministic: an invalid config (ConfigError, pydantic's ValidationError), a table that does not match its
+    schema (SchemaMismatch), an invalid manifest (ManifestError) or a missing input (FileNotFoundError; a
+    StorageError, an unreachable store, is not one). Anything else propagates with its traceback (exit 1), and the
+    orchestrator may retry it. Every `python -m leanpo_core.<stage>` ends in this.
+    """
+    from pydantic import ValidationError
+
+    from leanpo_core.config import ConfigError
+    from leanpo_core.schemas import SchemaMismatch
+    from leanpo_core.videos import ManifestError
+
+    try:
+        main()
+    except (ConfigError, SchemaMismatch, ManifestError, ValidationError, FileNotFoundError) as exc:
+        text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        stage = spec.name if spec else os.path.basename(sys.argv[0])
+        print(f"{stage}: bad input: {type(exc).__name__}: {text}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)

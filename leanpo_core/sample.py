@@ -315,4 +315,6 @@ def main(argv: list[str] | None = None) -> SampleResult:
 
 
 if __name__ == "__main__":
-    main()
+    from leanpo_core.launch import stage_entry
+
+    stage_entry(main)

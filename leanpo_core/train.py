@@ -19,7 +19,16 @@ generation-time log-probs are only a fallback (chosen: measured under the hint/r
 2-frame lean view), so with them the monitor also carries the change of input, not only of the model.
 
 With `deepspeed: zero2|zero3` the config of deployments/ds_zero{2,3}.json is used (its "auto" values are filled
-from the TrainConfig). The config file holds TrainConfig fields (YAML or JSON).
+from the TrainConfig). The config file holds TrainConfig fields (YAML or JSON). `leanpo_core.launch.run_module(
+"leanpo_core.train", args, launcher="torchrun"|"deepspeed", nproc_per_node=N)` builds the launch commands above. On
+CPU the ranks talk over gloo (DeepSpeed's JIT-built shared-memory all-reduce is skipped, see
+`_skip_deepspeed_shm_build`).
+
+Metrics rows are written by world process zero; each column is the mean over ranks of that rank's micro-batch
+means (the loss and grad norm as the Trainer reduces them). A checkpoint counts once every rank has saved its part
+and the metrics up to it are written (its CHECKPOINT_COMPLETE marker): a run killed at any point (a SIGKILLed rank)
+and launched again with the same command resumes from the newest complete checkpoint, and its metrics table then
+holds each step once. A refused config or input exits with `launch.EXIT_BAD_INPUT` (`launch.stage_entry`).
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import argparse
 import collections
 import dataclasses
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +52,8 @@ from leanpo_core.layout import RunLayout, add_table_arguments, table_arguments
 
 DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
 METRIC_COLUMNS = [c for c in schemas.TRAIN_METRICS.columns if c not in ("run_id", "step", "epoch")]
+# Written into checkpoint-N by world process zero after every rank has saved its part and the metrics up to N.
+CHECKPOINT_COMPLETE = "leanpo-complete"
 # Columns of a pair batch that are not model inputs.
 _SIDE_INFO = ("chosen_baseline", "rejected_baseline")
 
@@ -125,8 +138,9 @@ class PairsDataset(torch.utils.data.Dataset):
         clip = pixels if positions == list(range(len(stored))) else pixels[positions]
         meta = frames_mod.frames_metadata(frame_row, clip, wanted)
         prompt = self.adapter.build_prompt(self.processor, prompts.plain_prompt(row["prompt"]))
-        chosen = self.adapter.encode(self.processor, clip, prompt, row["chosen"], meta=meta, add_end=True)
-        rejected = self.adapter.encode(self.processor, clip, prompt, row["rejected"], meta=meta, add_end=True)
+        once = _ProcessOnce(self.processor)  # both sides share prompt and video: pixels prepared once per pair
+        chosen = self.adapter.encode(once, clip, prompt, row["chosen"], meta=meta, add_end=True)
+        rejected = self.adapter.encode(once, clip, prompt, row["rejected"], meta=meta, add_end=True)
         return {"chosen": self._truncate(chosen, row), "rejected": self._truncate(rejected, row),
                 "chosen_baseline": displacement_baseline(row, "chosen"),
                 "rejected_baseline": displacement_baseline(row, "rejected")}
@@ -141,6 +155,24 @@ class PairsDataset(torch.utils.data.Dataset):
             raise ValueError(f"pair {row['pair_id']}: the prompt alone has {prompt_len} tokens, max_length is "
                              f"{self.max_length}")
         return {k: v[:, :self.max_length] if models.is_per_token(k) else v for k, v in inputs.items()}
+
+
+class _ProcessOnce:
+    """A processor for the two encodings of one pair: the first call runs the wrapped processor (tokens and the
+    video's pixels), a second call with the same prompt and the same frames returns those outputs again.
+    `encode` copies every per-token tensor it extends, so the shared outputs are never modified."""
+
+    def __init__(self, processor):
+        self._processor, self._key, self._outputs = processor, None, None
+
+    def __call__(self, *, text, videos, **kwargs):
+        key = (list(text), [id(v) for v in videos], repr(sorted(kwargs.items())))
+        if key != self._key:
+            self._key, self._outputs = key, self._processor(text=text, videos=videos, **kwargs)
+        return self._outputs
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
 
 
 @dataclasses.dataclass
@@ -263,6 +295,20 @@ def _add_lora(model, rank: int):
     return get_peft_model(model, lora)
 
 
+def _skip_deepspeed_shm_build() -> None:
+    """Let DeepSpeed's CPU ranks all-reduce over plain gloo, without its shared-memory op.
+
+    On a CPU accelerator `deepspeed.init_distributed` JIT-compiles that op with the machine's C++ compiler (30 s
+    on 2 idle cores, minutes on busy ones, and a crash where no compiler is installed); it only speeds up
+    all-reduces of large tensors. `LEANPO_DS_SHM_COMM=1` keeps it. GPU accelerators never build it.
+    """
+    if torch.cuda.is_available() or os.environ.get("LEANPO_DS_SHM_COMM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _use_bf16(config: TrainConfig) -> bool:
     return config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_available())
 
@@ -286,16 +332,18 @@ def _training_arguments(config: TrainConfig, output_dir: str, logging_steps: int
 
 
 def _make_trainer_class():
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     class PreferenceTrainer(Trainer):
-        """Trainer whose loss is a preference objective over the lean pair forward; logs its metrics."""
+        """Trainer whose loss is a preference objective over the lean pair forward; logs its metrics (the mean over
+        ranks) and writes them with every checkpoint, which it marks complete once every rank has saved."""
 
         def __init__(self, *args, leanpo_config: TrainConfig, adapter: models.FamilyAdapter, run_id: str,
-                     ref_model=None, **kwargs):
+                     ref_model=None, storage: io.StorageOptions | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.leanpo_config, self.adapter, self.run_id, self.ref_model = leanpo_config, adapter, run_id, ref_model
+            self.storage = storage
             self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: Trainer divides by GA
             self._pending: list[dict[str, float]] = []
             self.metric_rows: list[dict] = []
@@ -317,27 +365,43 @@ def _make_trainer_class():
             return (out.loss, out) if return_outputs else out.loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            # Every rank logs at the same steps (the Trainer gathers the loss there), so the mean over ranks is
+            # taken here, collectively; only world process zero keeps the row.
             if self._pending and "loss" in logs:
                 averaged = {k: float(np.mean([m[k] for m in self._pending if k in m]))
                             for k in dict.fromkeys(k for m in self._pending for k in m)}
                 self._pending.clear()
-                logs.update({k: v for k, v in averaged.items() if k != "loss"})
+                logs.update({k: v for k, v in _mean_over_ranks(averaged, self.args).items() if k != "loss"})
                 row = {"run_id": self.run_id, "step": self.state.global_step, "epoch": float(self.state.epoch or 0)}
                 row.update({c: (float(logs[c]) if logs.get(c) is not None else None) for c in METRIC_COLUMNS})
                 self.metric_rows.append(row)
             super().log(logs, start_time)
 
-    class MetricsCallback(TrainerCallback):
-        """Metrics table and plot at every checkpoint and at the end (world process zero only)."""
+        def _save_checkpoint(self, model, trial) -> None:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's weights, optimizer shard and RNG state are on disk
+            if self.is_world_process_zero():
+                write_metrics(self.metric_rows, self.args.output_dir, self.storage)  # rows up to this step
+                folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                (folder / CHECKPOINT_COMPLETE).write_text(f"{self.state.global_step}\n")
 
-        def __init__(self, trainer, output_dir: str, options):
-            self.trainer, self.output_dir, self.options = trainer, output_dir, options
+    return PreferenceTrainer
 
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                write_metrics(self.trainer.metric_rows, self.output_dir, self.options)
 
-    return PreferenceTrainer, MetricsCallback
+def _mean_over_ranks(metrics: dict[str, float], args) -> dict[str, float]:
+    """Each metric column's mean over the ranks that have it (a rank's value is the mean of its micro-batches);
+    a collective call on every rank. The Trainer's own loss, learning rate and grad norm are global already."""
+    import torch.distributed as dist
+
+    if args.world_size <= 1 or not dist.is_initialized():
+        return metrics
+    keys = [c for c in METRIC_COLUMNS if c not in ("loss", "learning_rate", "grad_norm")]
+    values = torch.tensor([metrics.get(k, math.nan) for k in keys], dtype=torch.float64)
+    have = torch.isfinite(values)
+    totals = torch.stack([torch.where(have, values, 0.0), have.double()]).to(args.device)
+    dist.all_reduce(totals)
+    totals = totals.cpu()
+    return {**metrics, **{k: float(totals[0, i] / totals[1, i]) for i, k in enumerate(keys) if totals[1, i] > 0}}
 
 
 # ---------------------------------------------------------------- outputs
@@ -350,6 +414,33 @@ def write_metrics(rows: list[dict], output_dir: str, options: io.StorageOptions 
     png = str(Path(output_dir) / "metrics.png")
     plot_metrics(rows, png)
     return uri, png
+
+
+def _checkpoints(output_dir: str) -> list[tuple[int, Path]]:
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint every rank finished saving (its CHECKPOINT_COMPLETE marker exists), or None.
+
+    A run killed while saving leaves a newer folder without the marker (a rank's optimizer shard or RNG state may
+    be missing, the metrics table may not reach it); the Trainer's own `get_last_checkpoint` would pick it."""
+    complete = [p for _, p in _checkpoints(output_dir) if (p / CHECKPOINT_COMPLETE).is_file()]
+    return str(complete[-1]) if complete else None
+
+
+def _remove_incomplete_checkpoints(output_dir: str, last: str | None) -> None:
+    """Delete checkpoint folders newer than `last` (half-written by a killed run), so the resumed run saves those
+    steps into empty folders. Runs before any rank can save again (the ranks meet in collectives first)."""
+    newest = int(Path(last).name.split("-")[1]) if last else 0
+    for step, path in _checkpoints(output_dir):
+        if step > newest:
+            shutil.rmtree(path)
 
 
 def resumed_metrics(output_dir: str, step: int, options: io.StorageOptions | None = None) -> list[dict]:
@@ -418,9 +509,10 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
     data position, as the Trainer stores them) and keeps the metrics rows logged up to it.
     """
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     set_seed(config.seed)
+    if config.deepspeed != "none":
+        _skip_deepspeed_shm_build()
     model, processor, adapter = models.load_model(config.model, dtype=torch.float32, device=None)
     model.config.use_cache = False
     ref_model = None
@@ -434,15 +526,16 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
     dataset = PairsDataset(pairs_uri, frames_uri, processor, adapter, config.max_length, options)
     tokenizer = getattr(processor, "tokenizer", processor)
     args = _training_arguments(config, output_dir)
-    trainer_cls, callback_cls = _make_trainer_class()
+    trainer_cls = _make_trainer_class()
     run_id = run_id or Path(output_dir).name
     trainer = trainer_cls(model=PairPolicy(model, adapter, config.logits_chunk_size), args=args, train_dataset=dataset,
                           data_collator=PairCollator(tokenizer.pad_token_id or 0), leanpo_config=config,
-                          adapter=adapter, run_id=run_id, ref_model=ref_model)
+                          adapter=adapter, run_id=run_id, ref_model=ref_model, storage=options)
     if ref_model is not None:
         ref_model.to(trainer.args.device)
-    trainer.add_callback(callback_cls(trainer, output_dir, options))
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    last = last_complete_checkpoint(output_dir)
+    if trainer.is_world_process_zero():
+        _remove_incomplete_checkpoints(output_dir, last)
     if last is not None:
         trainer.metric_rows = resumed_metrics(output_dir, int(Path(last).name.split("-")[-1]), options)
     output = trainer.train(resume_from_checkpoint=last)
@@ -479,4 +572,6 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    from leanpo_core.launch import stage_entry
+
+    stage_entry(main)

@@ -1,11 +1,15 @@
 """The launcher owns its child's process group: output streamed, failures raised with the tail, no orphans."""
 
+import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from leanpo_core.launch import LaunchError, run
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_streams_lines_and_returns_on_success():
@@ -50,3 +54,80 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_distributed_command_for_each_launcher():
+    from leanpo_core.launch import distributed_command
+
+    assert distributed_command("m", ["--a", "1"], launcher="python") == [sys.executable, "-m", "m", "--a", "1"]
+    torchrun = distributed_command("m", ["--a"], nproc_per_node=2)
+    assert torchrun[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" in torchrun
+    assert torchrun[torchrun.index("--nproc_per_node") + 1] == "2" and torchrun[-3:] == ["-m", "m", "--a"]
+    fixed = distributed_command("m", [], nproc_per_node=2, master_port=29999)
+    assert "--standalone" not in fixed and fixed[fixed.index("--master_port") + 1] == "29999"
+    ds = distributed_command("m", ["--a"], nproc_per_node=2, launcher="deepspeed", hostfile="hosts")
+    assert ds[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"] and ds[-3:] == ["--module", "m", "--a"]
+    assert ds[ds.index("--num_gpus") + 1] == "2" and ds[ds.index("--hostfile") + 1] == "hosts"
+    ports = {int(distributed_command("m", [], launcher="deepspeed")[-3]) for _ in range(2)}
+    assert all(1024 < p < 65536 for p in ports)
+    for bad in (dict(launcher="python", nproc_per_node=2), dict(launcher="torchrun", hostfile="hosts"),
+                dict(launcher="mpirun"), dict(nproc_per_node=0)):
+        with pytest.raises(ValueError):
+            distributed_command("m", [], **bad)
+
+
+def test_stage_bad_input_is_deterministic_and_other_failures_are_not(tmp_path):
+    """Real children: a stage refusing its config exits EXIT_BAD_INPUT with one line; argparse's usage error (2)
+    is deterministic too; an unexpected error and a SIGKILL are not (the orchestrator may retry them)."""
+    from leanpo_core.launch import EXIT_BAD_INPUT, run_module
+
+    config = tmp_path / "train.json"
+    config.write_text('{"model": "m", "objective": "no-such-objective"}')
+    lines = []
+    with pytest.raises(LaunchError) as err:
+        run_module("leanpo_core.train", ["--config", str(config), "--pairs", "p", "--frames", "f",
+                                         "--out", str(tmp_path / "out")], log=lines.append)
+    assert err.value.returncode == EXIT_BAD_INPUT and err.value.deterministic
+    assert len(lines) == 1 and "ConfigError" in lines[0] and "objective" in lines[0] and str(config) in lines[0]
+    with pytest.raises(LaunchError) as err:
+        run([sys.executable, "-c", "import argparse; argparse.ArgumentParser().parse_args(['--x'])"],
+            log=lambda _: None)
+    assert err.value.returncode == 2 and err.value.deterministic
+
+    transient = "from leanpo_core.launch import stage_entry\ndef main(): raise ConnectionError('reset by peer')\n"
+    with pytest.raises(LaunchError) as err:
+        run([sys.executable, "-c", transient + "stage_entry(main)"], log=lambda _: None)
+    assert err.value.returncode == 1 and not err.value.deterministic and "reset by peer" in str(err.value)
+    with pytest.raises(LaunchError) as err:
+        run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], log=lambda _: None)
+    assert err.value.returncode == -9 and not err.value.deterministic
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_multi_rank_failure_names_the_rank_and_keeps_its_exit_code(launcher, tmp_path):
+    """A real 2-rank launch: rank 1 refuses its input (EXIT_BAD_INPUT) while rank 0 waits. The error names rank 1
+    with its exit code and stays deterministic, whatever the launcher's own exit code (torchrun: 1). torchrun tags
+    each rank's lines, so the error carries rank 1's own lines (not rank 0's); the deepspeed launcher does not."""
+    from leanpo_core.launch import EXIT_BAD_INPUT, run_module
+
+    (tmp_path / "two_ranks.py").write_text(
+        "import os, sys, time\n"
+        "rank = int(os.environ['RANK'])\n"
+        "print(f'rank {rank} starts', flush=True)\n"
+        "if rank == 1:\n"
+        "    from leanpo_core.config import ConfigError\n"
+        "    from leanpo_core.launch import stage_entry\n"
+        "    def main(): raise ConfigError('invalid config c.yaml: field x')\n"
+        "    stage_entry(main)\n"
+        "time.sleep(600)\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    with pytest.raises(LaunchError) as err:
+        run_module("two_ranks", [], launcher=launcher, nproc_per_node=2, env=env, log=lambda _: None,
+                   timeout_s=300, grace_s=2)
+    e = err.value
+    assert (e.failed_rank, e.rank_returncode) == (1, EXIT_BAD_INPUT) and e.deterministic
+    assert e.returncode == (1 if launcher == "torchrun" else EXIT_BAD_INPUT)
+    assert "rank 1 failed with exit code 65" in str(e) and "field x" in str(e)
+    if launcher == "torchrun":
+        assert "rank 1 starts" in e.rank_tail and not any("rank 0" in line for line in e.rank_tail)
+        assert any("field x" in line for line in e.rank_tail)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from leanpo_core import io, models, schemas, train
+from leanpo_core import io, launch, models, schemas, train
 from leanpo_core.config import TrainConfig
 
 from .conftest import FAMILIES
@@ -125,16 +134,42 @@ def _params(model, part: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if part in n}
 
 
+class _CountingProcessor:
+    """A processor that counts its calls with videos and otherwise is the processor it wraps."""
+
+    def __init__(self, processor):
+        self.processor, self.video_calls = processor, 0
+
+    def __call__(self, *args, **kwargs):
+        self.video_calls += bool(kwargs.get("videos"))
+        return self.processor(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+
 def test_dataset_reads_kept_pairs_with_sft_baseline(pair_data, loaded, toy_dirs):
-    """Dropped pairs are skipped; the baseline is the SFT rbar where stored, else the generation-time one.
+    """Dropped pairs are skipped; a pair's video is processed once for both sides; the baseline is the SFT rbar
+    where stored, else the generation-time one.
 
     Pair p0 stores chosen_sft_logp -4.0 -> baseline -4.0; p1 stores none -> chosen_gen_logp -0.5; rejected: -5.0.
     """
     _, processor, adapter = loaded("qwen2_vl")
-    dataset = train.PairsDataset(*pair_data, processor, adapter, max_length=4096)
+    counting = _CountingProcessor(processor)
+    dataset = train.PairsDataset(*pair_data, counting, adapter, max_length=4096)
     assert len(dataset) == 4
+    item = dataset[1]
+    assert counting.video_calls == 1  # one processor run (tokens + pixels) serves both sides of the pair
+    chosen, rejected = item["chosen"], item["rejected"]
+    assert torch.equal(chosen[models.VIDEO_PIXELS], rejected[models.VIDEO_PIXELS])
+    tokenizer = processor.tokenizer
+    prompt_len = int((rejected["labels"][0] == models.IGNORE_INDEX).sum())
+    assert torch.equal(rejected["input_ids"][:, :prompt_len], chosen["input_ids"][:, :prompt_len])
+    end = tokenizer.convert_tokens_to_ids(adapter.end_of_reply)
+    assert rejected["labels"][0, prompt_len:].tolist() == tokenizer(QUESTIONS[1][2], add_special_tokens=False)[
+        "input_ids"] + [end]
     assert [dataset[i]["chosen_baseline"] for i in (0, 1)] == [-4.0, -0.5]
-    assert dataset[1]["rejected_baseline"] == -5.0
+    assert item["rejected_baseline"] == -5.0
     sums = torch.tensor([-4.0, -1.0, -10.0, -20.0])  # chosen rbar -4/2 = -2 and -1/1 = -1; rejected -5, -10
     counts = torch.tensor([2, 1, 2, 2])
     batch = {"chosen_baseline": torch.tensor([-4.0, -0.5]), "rejected_baseline": torch.tensor([-5.0, -5.0])}
@@ -181,15 +216,13 @@ def test_dpo_keeps_reference_frozen(pair_data, toy_dirs, tmp_path, monkeypatch):
     original = train._make_trainer_class
 
     def capture():
-        trainer_cls, callback_cls = original()
-
-        class Capturing(trainer_cls):
+        class Capturing(original()):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 seen["ref"] = self.ref_model
                 seen["start"] = {n: p.detach().clone() for n, p in self.ref_model.named_parameters()}
 
-        return Capturing, callback_cls
+        return Capturing
 
     monkeypatch.setattr(train, "_make_trainer_class", capture)
     result = train.train(_config(toy_dirs["llava_onevision"], objective="dpo", max_steps=2), *pair_data,
@@ -221,8 +254,6 @@ def test_sft_lowers_chosen_nll(pair_data, toy_dirs, tmp_path, loaded):
 
 def test_lora_cli_run_exports_merged_model(pair_data, toy_dirs, tmp_path, video):
     """The CLI with LoRA (SimPO): adapters train, the export is a merged plain folder that differs from the base."""
-    import json
-
     family = "qwen2_5_vl"
     config = _config(toy_dirs[family], objective="simpo", lora=True, lora_rank=4, max_steps=2, learning_rate=5e-2)
     path = tmp_path / "train.json"
@@ -241,36 +272,128 @@ def test_lora_cli_run_exports_merged_model(pair_data, toy_dirs, tmp_path, video)
     assert all(torch.equal(vis[n], p) for n, p in _params(merged, "visual").items())
 
 
-@pytest.mark.slow
-def test_two_rank_deepspeed_zero2_and_zero3(pair_data, toy_dirs, tmp_path, tmp_path_factory):
-    """Real 2-rank DeepSpeed on CPU (gloo) via torchrun: both stages train, export, and end at the same weights."""
-    import json
-    import os
-    import sys
+DS_STEPS = 3  # 2 ranks x 1 pair per step: the third step starts the second epoch
 
-    from leanpo_core import launch
 
-    family = "qwen2_vl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.getbasetemp() / "torch_extensions")}
-    exported = {}
-    for stage in ("zero2", "zero3"):
-        config = _config(toy_dirs[family], deepspeed=stage, per_device_batch_size=1, max_steps=2, learning_rate=1e-3,
-                         gradient_checkpointing=True)
-        path = tmp_path / f"{stage}.json"
-        path.write_text(json.dumps(config.model_dump(mode="json")))
-        out = tmp_path / stage
-        launch.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "leanpo_core.train",
-                    "--config", str(path), "--pairs", pair_data[0], "--frames", pair_data[1], "--out", str(out)],
-                   env=env, timeout_s=600, log=lambda line: None)
-        table = io.read_table(str(out / "metrics.parquet"), schemas.TRAIN_METRICS)
-        assert table.num_rows == 2 and all(math.isfinite(v) for v in table.column("loss").to_pylist())
-        exported[stage] = models.load_model(out / "model")[0].state_dict()
-    base = models.load_model(toy_dirs[family])[0].state_dict()
-    assert any(not torch.equal(base[k], exported["zero2"][k]) for k in base if "language_model" in k)
-    assert all(torch.equal(base[k], exported["zero3"][k]) for k in base if "visual" in k)
+def _launch_train(stage: str, pair_data, toy_dirs, folder: Path, out: Path, launcher: str, **kwargs):
+    """`python -m leanpo_core.train` on 2 CPU ranks (gloo) under `launcher`, checkpointing every step."""
+    config = _config(toy_dirs["qwen2_vl"], deepspeed=stage, per_device_batch_size=1, max_steps=DS_STEPS,
+                     save_steps=1, learning_rate=5e-3)
+    path = folder / f"{stage}.json"
+    path.write_text(json.dumps(config.model_dump(mode="json")))
+    args = ["--config", str(path), "--pairs", pair_data[0], "--frames", pair_data[1], "--out", str(out)]
+    env = {"OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
+    launch.run_module("leanpo_core.train", args, launcher=launcher, nproc_per_node=2, env=env, timeout_s=600,
+                      **kwargs)
+
+
+def _metric_steps_and_losses(out: Path) -> tuple[list[int], list[float]]:
+    table = io.read_table(str(out / "metrics.parquet"), schemas.TRAIN_METRICS)
+    return table.column("step").to_pylist(), table.column("loss").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def zero2_run(pair_data, toy_dirs, tmp_path_factory):
+    """ZeRO-2 on 2 ranks through the `deepspeed` launcher, uninterrupted; its output folder."""
+    folder = tmp_path_factory.mktemp("zero2")
+    _launch_train("zero2", pair_data, toy_dirs, folder, folder / "out", "deepspeed", log=lambda _: None)
+    return folder / "out"
+
+
+def _pids_of_rank(tag: str, local_rank: int) -> list[int]:
+    """Processes started with LEANPO_TEST_RUN=tag and LOCAL_RANK=local_rank (read from /proc/<pid>/environ)."""
+    want = {f"LEANPO_TEST_RUN={tag}".encode(), f"LOCAL_RANK={local_rank}".encode()}
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and want <= set((proc / "environ").read_bytes().split(b"\0")):
+                pids.append(int(proc.name))
+        except OSError:  # gone, or not ours
+            continue
+    return pids
+
+
+def test_two_rank_deepspeed_zero2_and_zero3(zero2_run, pair_data, toy_dirs, tmp_path, video, loaded):
+    """Real 2-rank DeepSpeed on CPU (gloo): ZeRO-2 through the `deepspeed` launcher; ZeRO-3 through torchrun with
+    rank 1 SIGKILLed once checkpoint-1 is complete, then the same command again, which resumes there.
+
+    Both runs: finite losses, each step once in the metrics table, the language model changed and the vision tower
+    not, the exported folder reloads with `from_pretrained`; metrics are means over the ranks. ZeRO stages agree to
+    fp tolerance, so the resumed ZeRO-3 run must end at the uninterrupted ZeRO-2 run's weights (and log the same
+    losses). The killed launch raises LaunchError naming rank 1 with its own last lines. Real vLLM then loads the
+    resumed run's export and generates from a video.
+    """
+    out = tmp_path / "zero3"
+    tag = str(out)
+    failures, lines = [], []
+
+    def first_launch():
+        try:
+            _launch_train("zero3", pair_data, toy_dirs, tmp_path, out, "torchrun", env={"LEANPO_TEST_RUN": tag},
+                          log=lines.append)
+        except launch.LaunchError as exc:
+            failures.append(exc)
+
+    runner = threading.Thread(target=first_launch)
+    runner.start()
+    while runner.is_alive() and not (out / "checkpoint-1" / train.CHECKPOINT_COMPLETE).exists():
+        time.sleep(0.05)
+    finished_early = (out / f"checkpoint-{DS_STEPS}" / train.CHECKPOINT_COMPLETE).exists()
+    victims = _pids_of_rank(tag, 1)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    runner.join()
+    assert victims and not finished_early, "rank 1 was not killed mid-run"
+    assert len(failures) == 1, "\n".join(lines[-30:])
+    error = failures[0]
+    assert (error.failed_rank, error.rank_returncode) == (1, -signal.SIGKILL) and not error.deterministic
+    assert error.rank_tail and "rank 1 failed with signal 9" in str(error)
+    assert "\n".join(error.rank_tail) in str(error)
+    assert not (out / "model").exists()
+
+    _launch_train("zero3", pair_data, toy_dirs, tmp_path, out, "torchrun", log=lambda _: None)
+
+    base = models.load_model(toy_dirs["qwen2_vl"])[0].state_dict()
+    exported, losses = {}, {}
+    for stage, folder in (("zero2", zero2_run), ("zero3", out)):
+        steps, losses[stage] = _metric_steps_and_losses(folder)
+        assert steps == list(range(1, DS_STEPS + 1)), (stage, steps)
+        assert all(math.isfinite(v) for v in losses[stage]), stage
+        exported[stage] = models.load_model(folder / "model")[0].state_dict()
+        assert exported[stage].keys() == base.keys()
+        assert any(not torch.equal(base[k], exported[stage][k]) for k in base if "language_model" in k), stage
+        assert all(torch.equal(base[k], exported[stage][k]) for k in base if "visual" in k), stage
+    # Metrics are means over ranks: step 1 (base weights, one pair per rank) logs the mean rbar of two pairs.
+    model, processor, adapter = loaded("qwen2_vl")
+    dataset = train.PairsDataset(*pair_data, processor, adapter, max_length=4096)
+    collate = train.PairCollator(processor.tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        rbar = [float(s[0] / c[0]) for s, c in (train.pair_logps(model, adapter, collate([dataset[i]]))
+                                                for i in range(len(dataset)))]
+    candidates = [("one rank", r) for r in rbar] + [("two ranks", (a + b) / 2) for a, b in combinations(rbar, 2)]
+    step1 = io.read_table(str(zero2_run / "metrics.parquet"), schemas.TRAIN_METRICS).column("logps/chosen")[0]
+    kind, value = min(candidates, key=lambda c: abs(c[1] - step1.as_py()))
+    assert kind == "two ranks" and value == pytest.approx(step1.as_py(), abs=1e-4), (step1, candidates)
+    # Each step moves the weights by ~lr (5e-3); the stages differ by reduction order only (worst seen: 1.4e-5, on
+    # k_proj biases, whose true gradient is 0 and whose noise Adam normalises).
+    assert losses["zero3"] == pytest.approx(losses["zero2"], rel=1e-4)
     for k in base:
         torch.testing.assert_close(exported["zero2"][k], exported["zero3"][k], atol=1e-4, rtol=0, msg=k)
+
+    frames, meta = video
+    np.save(tmp_path / "frames.npy", frames[::4])
+    (tmp_path / "meta.json").write_text(json.dumps(models.video_metadata(
+        frames[::4], fps=meta["fps"], frames_indices=meta["frames_indices"][::4],
+        total_num_frames=meta["total_num_frames"])))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_probe.py")), "--frames",
+                           str(tmp_path / "frames.npy"), "--meta", str(tmp_path / "meta.json"), "--out",
+                           str(tmp_path / "vllm.json"), str(out / "model")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert (tmp_path / "vllm.json").exists(), f"vLLM probe wrote nothing (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    result = json.loads((tmp_path / "vllm.json").read_text())[str(out / "model")]
+    assert "error" not in result, result.get("error")
+    assert result["samples"] and all(len(s["token_ids"]) > 0 for s in result["samples"])
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(pair_data, toy_dirs, tmp_path):
@@ -290,3 +413,16 @@ def test_resume_from_checkpoint_matches_uninterrupted(pair_data, toy_dirs, tmp_p
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     steps = io.read_table(resumed.metrics_uri, schemas.TRAIN_METRICS).column("step").to_pylist()
     assert steps == [1, 2, 3, 4]
+
+
+def test_resume_point_is_the_newest_complete_checkpoint(tmp_path):
+    """Only checkpoints marked complete count (numerically newest wins); newer half-written ones are removed."""
+    for step in (2, 10, 11):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}" / train.CHECKPOINT_COMPLETE).write_text(f"{step}\n")
+    last = train.last_complete_checkpoint(str(tmp_path))
+    assert last == str(tmp_path / "checkpoint-10")
+    train._remove_incomplete_checkpoints(str(tmp_path), last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2"]
+    assert train.last_complete_checkpoint(str(tmp_path / "missing")) is None
