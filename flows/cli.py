@@ -1,8 +1,23 @@
 """`leanpo`: the command line for the common actions.
 
-    leanpo demo                       the main job on the embedded default: toy model, synthetic clips, data refresh
+    leanpo demo                       the main job on the embedded default: toy model, synthetic clips, SFT warm
+                                      start, data refresh, LeanPO training, evaluation before/after
+    leanpo run FLOW --config FILE     run a flow (data-refresh, train, pipeline) with its parameters from YAML/JSON
+    leanpo server [--port 4200]       the local Prefect server + UI (127.0.0.1) on this project's database
+    leanpo serve [--config FILE]      serve the deployments in this process: nightly data refresh, retrain on new
+                                      pairs (event leanpo.pairs.published), manual pipeline
     leanpo inspect URI [--rows 5]     schema, row count and first rows of any table the pipeline wrote (local or s3://)
     leanpo toy --family F --out DIR   build a tiny offline model of a family
+
+Prefect's database lives in PREFECT_HOME, by default `runs/.prefect` under the current folder, so `leanpo server`
+shows every run that `leanpo demo` and `leanpo run` made. `leanpo run` and `leanpo serve` use a `leanpo server`
+answering on 127.0.0.1:4200 (runs show live in its UI), else, like `leanpo demo`, a temporary server on that
+database for the duration of the command; PREFECT_API_URL, when set, always wins.
+
+`leanpo serve` vs prefect.yaml: `serve` registers the deployments and runs their flow runs itself, in this process
+(one machine, nothing else to start; stopping it pauses their schedules). prefect.yaml is the same deployments for
+`prefect deploy --all`: runs then go to a work pool, and a `prefect worker` on the GPU host executes them, which is
+how several machines share the work.
 
 S3 locations use the endpoint in LEANPO_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) and credentials from the environment.
 """
@@ -10,11 +25,17 @@ S3 locations use the endpoint in LEANPO_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) an
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow as pa
+
+FLOWS = {"data-refresh": ("flows.data_refresh", "data_refresh"), "train": ("flows.train", "train_flow"),
+         "pipeline": ("flows.pipeline", "pipeline")}
+DEFAULT_HOME = Path("runs") / ".prefect"
 
 
 def _cell(value, width: int = 60) -> str:
@@ -48,17 +69,152 @@ def inspect_table(uri: str, rows: int = 5) -> pa.Table:
     return table
 
 
-def prefect_environment(workdir: str) -> None:
-    """Defaults for a local temporary Prefect server, set before Prefect is imported (it reads settings once).
+def prefect_environment() -> None:
+    """Defaults for Prefect, set before it is imported (it reads settings once).
 
-    The database lives in `<workdir>/.prefect` unless PREFECT_HOME or PREFECT_API_URL say otherwise, so a later
-    `prefect server start` with the same PREFECT_HOME shows the runs in the UI. A fresh database takes 13-18 s to
-    start, close to Prefect's default 20 s timeout, hence 120 s.
+    The database lives in PREFECT_HOME (default `runs/.prefect`), so `leanpo server` shows the runs. A fresh
+    database takes 13-18 s to start, close to Prefect's default 20 s timeout, hence 120 s.
     """
-    os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / ".prefect"))
+    os.environ.setdefault("PREFECT_HOME", str(DEFAULT_HOME.resolve()))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last folder
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def use_local_server(port: int = 4200) -> None:
+    """Point Prefect at a `leanpo server` already answering on 127.0.0.1:`port` (runs then show live in its UI);
+    otherwise leave it to start a temporary server. An explicit PREFECT_API_URL always wins."""
+    import urllib.request
+
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        if urllib.request.urlopen(f"{api}/health", timeout=1).read().strip() == b"true":
+            os.environ["PREFECT_API_URL"] = api
+    except OSError:
+        pass
+
+
+def load_flow(name: str):
+    import importlib
+
+    module, attribute = FLOWS[name]
+    return getattr(importlib.import_module(module), attribute)
+
+
+def read_document(path: str | Path) -> dict:
+    """A YAML or JSON mapping from `path`; ConfigError names the file when it cannot be read or is not a mapping."""
+    from leanpo_core.config import ConfigError
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        if path.suffix in {".yaml", ".yml"}:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except ValueError as exc:  # yaml.YAMLError and json.JSONDecodeError are both ValueErrors
+        raise ConfigError(f"config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a mapping of the flow's parameters, not {type(data).__name__}")
+    return data
+
+
+def flow_parameters(flow_obj, data: dict, source: str) -> dict:
+    """`data` validated against the flow's signature (stage configs become their models); ConfigError names every
+    bad field, before any work starts."""
+    from prefect.exceptions import ParameterTypeError, SignatureMismatchError
+
+    from leanpo_core.config import ConfigError
+
+    try:
+        return flow_obj.validate_parameters(data)
+    except (ParameterTypeError, SignatureMismatchError) as exc:
+        raise ConfigError(f"invalid parameters for flow {flow_obj.name!r} in {source}:\n{exc}") from exc
+
+
+def run_flow(name: str, config: str) -> dict:
+    """Validate a config file against flow `name`'s parameters, then run the flow (a temporary server when no
+    PREFECT_API_URL is set)."""
+    flow_obj = load_flow(name)
+    parameters = flow_parameters(flow_obj, read_document(config), config)
+    return flow_obj(**parameters)
+
+
+def start_server(port: int) -> int:
+    """`prefect server start` on 127.0.0.1 with this project's PREFECT_HOME, in the foreground (Ctrl-C stops)."""
+    prefect = Path(sys.executable).with_name("prefect")
+    print(f"Prefect UI at http://127.0.0.1:{port} (database in {os.environ['PREFECT_HOME']}); other shells: "
+          f"export PREFECT_API_URL=http://127.0.0.1:{port}/api", flush=True)
+    try:
+        return subprocess.call([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+    except KeyboardInterrupt:
+        return 0
+
+
+def partial_parameters(flow_obj, data: dict, source: str) -> dict:
+    """Check the parameters given in `data` (others may come later: a trigger, the UI's form); ConfigError names
+    the bad field. Returns `data` as given (JSON-ready, for a deployment's defaults)."""
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from leanpo_core.config import ConfigError
+
+    hints = typing.get_type_hints(flow_obj.fn, include_extras=True)
+    unknown = sorted(set(data) - set(hints) - {"return"})
+    if unknown:
+        raise ConfigError(f"{source}: flow {flow_obj.name!r} has no parameter(s) {unknown}")
+    problems = []
+    for name, value in data.items():
+        try:
+            TypeAdapter(hints[name]).validate_python(value)
+        except ValidationError as exc:
+            problems += [f" - {'.'.join(map(str, (name, *e['loc'])))}: {e['msg']}" for e in exc.errors()]
+    if problems:
+        raise ConfigError(f"invalid parameters for flow {flow_obj.name!r} in {source}:\n" + "\n".join(problems))
+    return data
+
+
+def serve(config: str | None) -> None:
+    """Serve the deployments in this process (see the module docstring); parameters per flow from `config`."""
+    from prefect import serve as prefect_serve
+    from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron
+
+    from leanpo_core.config import ConfigError
+    from tasks.data import PAIRS_PUBLISHED
+
+    sections = read_document(config) if config else {}
+    unknown = sorted(set(sections) - set(FLOWS))
+    if unknown:
+        raise ConfigError(f"config {config}: unknown section(s) {unknown}; expected some of {sorted(FLOWS)}")
+    defaults = {name: partial_parameters(load_flow(name), sections.get(name) or {}, f"{config} [{name}]")
+                for name in FLOWS}
+    refresh, train, pipeline = (load_flow(name) for name in FLOWS)
+    deployments = [
+        refresh.to_deployment("data-refresh", parameters=defaults["data-refresh"], tags=["leanpo", "data"]),
+        train.to_deployment("retrain", parameters=defaults["train"], tags=["leanpo", "train"],
+                            triggers=[DeploymentEventTrigger(expect={PAIRS_PUBLISHED},
+                                                             match={"prefect.resource.id": "leanpo.pairs.*"},
+                                                             parameters={"root": "{{ event.payload.root }}"})]),
+        pipeline.to_deployment("pipeline", parameters=defaults["pipeline"], tags=["leanpo"]),
+    ]
+    try:  # the nightly schedule only when its runs would have every required parameter
+        flow_parameters(refresh, defaults["data-refresh"], str(config))
+        deployments.append(refresh.to_deployment("data-refresh-nightly", parameters=defaults["data-refresh"],
+                                                 schedules=[Cron("0 2 * * *", timezone="UTC")],
+                                                 tags=["leanpo", "data"]))
+    except ConfigError:
+        print("leanpo serve: no nightly data refresh (the config's data-refresh section lacks required "
+              "parameters: manifest, root, sample.model)", file=sys.stderr)
+    prefect_serve(*deployments)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,10 +223,22 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the main job on the embedded default")
-    demo.add_argument("--workdir", default="runs/demo", help="where tables, models and the Prefect database go "
-                      "(default: runs/demo)")
+    demo.add_argument("--workdir", default="runs/demo", help="where tables and models go (default: runs/demo)")
     demo.add_argument("--family", default="qwen2_vl", help="toy model family (default: qwen2_vl)")
     demo.add_argument("--videos", type=int, default=12, help="synthetic clips to generate (default: 12)")
+    demo.add_argument("--no-warm-start", action="store_true", help="skip the SFT warm start of the toy model")
+
+    run = commands.add_parser("run", help="run a flow with its parameters from a YAML/JSON file")
+    run.add_argument("flow", choices=sorted(FLOWS), help="which flow")
+    run.add_argument("--config", required=True, help="YAML/JSON mapping of the flow's parameters (stage configs "
+                     "as nested mappings, e.g. sample: {model: /models/sft})")
+
+    server = commands.add_parser("server", help="start the local Prefect server and UI on 127.0.0.1")
+    server.add_argument("--port", type=int, default=4200, help="port (default: 4200)")
+
+    served = commands.add_parser("serve", help="serve the deployments (schedules, retrain trigger) in-process")
+    served.add_argument("--config", help="YAML/JSON with a section of parameters per flow: data-refresh, train, "
+                        "pipeline (the nightly schedule needs the data-refresh section)")
 
     inspect = commands.add_parser("inspect", help="show a Parquet table's schema, row count and first rows")
     inspect.add_argument("uri", help="table location: a local path or s3://bucket/key")
@@ -95,10 +263,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"leanpo inspect: {exc}", file=sys.stderr)
             return 1
         return 0
-    prefect_environment(args.workdir)
-    from flows.demo import run_demo
+    prefect_environment()
+    if args.command == "server":
+        return start_server(args.port)
+    from leanpo_core.config import ConfigError
 
-    run_demo(args.workdir, args.family, args.videos)
+    if args.command in ("run", "serve"):
+        use_local_server()
+    try:
+        if args.command == "run":
+            result = run_flow(args.flow, args.config)
+            print(json.dumps(result, indent=2, default=str))
+        elif args.command == "serve":
+            serve(args.config)
+        else:
+            from flows.demo import run_demo
+
+            run_demo(args.workdir, args.family, args.videos, warm_start=not args.no_warm_start)
+    except ConfigError as exc:
+        print(f"leanpo {args.command}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,6 +1,10 @@
 """Data refresh: a video-QA manifest becomes ranked preference pairs (frames -> sample -> reflect -> pairs).
 
-    leanpo run data-refresh --config run.yaml     # or deploy it: see prefect.yaml
+    leanpo run data-refresh --config refresh.yaml     # parameters below as YAML/JSON; or deploy it: prefect.yaml
+
+A new pairs table (not a cached one) is announced with the event `leanpo.pairs.published` (resource
+`leanpo.pairs.<root>`, payload: root, uri, rows, kept, content_hash, schema_version), which the retraining
+deployment's trigger waits for.
 """
 
 from __future__ import annotations
@@ -8,7 +12,7 @@ from __future__ import annotations
 from prefect import flow
 
 from leanpo_core.config import FramesConfig, PairsConfig, ReflectConfig, SampleConfig
-from tasks import data
+from tasks import data, report
 
 
 @flow(name="data-refresh", log_prints=True)
@@ -17,8 +21,14 @@ def data_refresh(manifest: str, root: str, sample: SampleConfig, frames: FramesC
                  split: str = "train") -> dict:
     """Build the preference pairs of one round from `manifest` under the run folder or s3:// prefix `root`."""
     videos = data.ingest(manifest, root, split)
-    frames_table = data.frames(root, frames)
-    samples = data.sample(root, sample)
-    scored = data.reflect(root, reflect, sample.model)
-    pairs_table = data.pairs(root, pairs)
-    return {"videos": videos, "frames": frames_table, "samples": samples, "scored": scored, "pairs": pairs_table}
+    frames_table = data.frames(root, frames, videos)
+    samples = data.sample(root, sample, videos, frames_table)
+    scored = data.reflect(root, reflect, sample.model, samples)
+    pairs_state = data.pairs(root, pairs, scored, return_state=True)
+    pairs_table = pairs_state.result()
+    announced = pairs_state.name != "Cached"  # a cache hit is no new table
+    if announced:
+        data.announce_pairs(root, pairs_table)
+    outputs = {"videos": videos, "frames": frames_table, "samples": samples, "scored": scored, "pairs": pairs_table}
+    report.refresh_report(root, outputs, announced)
+    return {**outputs, "announced": announced}

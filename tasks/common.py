@@ -1,29 +1,153 @@
-"""What every task shares: which failures are worth a retry, and artifacts for the tables a task wrote."""
+"""What every task shares: which failures are worth a retry, the content-keyed cache, progress and table artifacts."""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import (create_link_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.cache_policies import CachePolicy
+from prefect.tasks import exponential_backoff
 
 from leanpo_core import io, schemas
-from leanpo_core.config import ConfigError
+from leanpo_core.config import ConfigError, StageConfig
+from leanpo_core.launch import LaunchError
 
 # Errors a retry cannot fix: the same input and config fail the same way again.
 DETERMINISTIC = (ConfigError, schemas.SchemaMismatch, ValueError, TypeError, KeyError)
 
 
 def transient_only(task, task_run, state) -> bool:
-    """Prefect retry condition: retry I/O, storage and engine-start failures, never a deterministic error."""
+    """Prefect retry condition: retry I/O, storage and engine-start failures, never a deterministic error.
+
+    A launched child that failed deterministically (LaunchError.deterministic: e.g. a Python exception with the
+    same input would raise again) is not retried; one killed by a signal, a lost rank or a timeout is.
+    """
     try:
         state.result()
     except io.StorageError:
         return True  # StorageError is an OSError, never a ValueError; listed first for clarity
+    except LaunchError as exc:
+        return not exc.deterministic
     except DETERMINISTIC:
         return False
     except Exception:
         return True
     return False
+
+
+# Retries where a retry can help: 10 s, then 20 s, only for transient failures (see `transient_only`).
+RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=10),
+           "retry_condition_fn": transient_only}
+
+_SOURCES = Path(__file__).resolve().parents[1]
+
+
+def _code_version() -> str:
+    """A hash of the stage code (leanpo_core and tasks): a changed stage invalidates every cached result."""
+    digest = hashlib.sha256()
+    for package in ("leanpo_core", "tasks"):
+        for path in sorted((_SOURCES / package).glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+CODE_VERSION = _code_version()
+
+
+def _canonical(value: Any) -> Any:
+    """What a cache key sees of one task input: a config's hash, a table manifest's content hash, plain values."""
+    if isinstance(value, StageConfig):
+        return f"{type(value).__name__}:{value.config_hash()}"
+    if isinstance(value, dict) and "content_hash" in value:
+        return {"uri": value.get("uri"), "content_hash": value["content_hash"]}
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
+
+
+def file_hash(uri: str) -> str | None:
+    """sha256 of a stored object's bytes (an input manifest), or None when it cannot be read now."""
+    try:
+        fs, path = io.filesystem(uri)
+        return hashlib.sha256(fs.cat_file(path)).hexdigest()
+    except OSError:
+        return None
+
+
+@dataclass
+class ContentKey(CachePolicy):
+    """Cache key = task + code version + inputs by content (config hashes, table content hashes, file hashes).
+
+    `files(inputs)` names input files (an external manifest) whose bytes are hashed into the key; when one cannot
+    be read, nothing is cached. Results persist in Prefect's result storage, so a later flow run with the same
+    inputs skips the task (its state is named "Cached") and returns the stored manifest. A table deleted after
+    its stage ran is not noticed: re-run with PREFECT_TASKS_REFRESH_CACHE=true to recompute every stage.
+    """
+
+    files: Callable[[dict], list[str]] | None = field(default=None)
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        hashes = [file_hash(uri) for uri in (self.files(inputs) if self.files else [])]
+        if any(h is None for h in hashes):
+            return None
+        payload = {"task": task_ctx.task.task_key, "code": CODE_VERSION, "files": hashes,
+                   "inputs": {name: _canonical(value) for name, value in sorted(inputs.items())}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Progress:
+    """A progress artifact of the running task (0-100 %), updated from any thread, at most every `every_s`."""
+
+    def __init__(self, key: str, description: str, every_s: float = 2.0):
+        self.id = create_progress_artifact(0.0, key=key, description=description)
+        self.every_s, self.percent, self.last = every_s, 0.0, 0.0
+        self._lock = threading.Lock()
+
+    def update(self, fraction: float, force: bool = False) -> None:
+        percent = round(100.0 * min(max(fraction, 0.0), 1.0), 1)
+        with self._lock:
+            if percent == self.percent or (not force and time.monotonic() - self.last < self.every_s):
+                return
+            self.percent, self.last = percent, time.monotonic()
+        update_progress_artifact(self.id, percent)
+
+    def poll(self, measure: Callable[[], float], every_s: float = 2.0) -> "_Poller":
+        """A context manager that calls `measure()` (a fraction done) every `every_s` in a thread, 100 % at exit."""
+        return _Poller(self, measure, every_s)
+
+
+class _Poller:
+    def __init__(self, progress: Progress, measure: Callable[[], float], every_s: float):
+        self.progress, self.measure, self.every_s = progress, measure, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                self.progress.update(self.measure())
+            except OSError:
+                pass  # storage briefly unreachable: the next poll tries again; the stage reports real failures
+
+    def __enter__(self) -> Progress:
+        self.thread.start()
+        return self.progress
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.stop.set()
+        self.thread.join()
+        if kind is None:
+            self.progress.update(1.0, force=True)
 
 
 def _cell(value: Any) -> Any:
@@ -36,11 +160,15 @@ def _cell(value: Any) -> Any:
     return value if value is None or isinstance(value, (int, float, bool, str)) else str(value)
 
 
-def publish_table(manifest: io.Manifest, spec: schemas.TableSpec, rows: int = 10) -> None:
+def link(uri: str) -> str:
+    """A clickable link for a stored location (local paths become file:// URLs)."""
+    return uri if "://" in uri else f"file://{Path(uri).resolve()}"
+
+
+def publish_table(manifest: io.Manifest, spec: schemas.TableSpec, rows: int = 10, key: str | None = None) -> None:
     """A link to a written table and its first rows, as artifacts of the running task (keys per table name)."""
-    key = spec.name.replace("_", "-")
-    link = manifest.uri if "://" in manifest.uri else f"file://{manifest.uri}"
-    create_link_artifact(key=f"{key}-table", link=link, link_text=manifest.uri,
+    key = key or spec.name.replace("_", "-")
+    create_link_artifact(key=f"{key}-table", link=link(manifest.uri), link_text=manifest.uri,
                          description=f"`{spec.name}` v{spec.version}: {manifest.rows} rows, sha256 "
                                      f"{manifest.content_hash[:12]}. Open with `leanpo inspect {manifest.uri}`.")
     first = _first_rows(manifest.uri, spec, rows)

@@ -4,25 +4,29 @@ Each task validates its config (pydantic already did, when the flow received it)
 publishes the table it wrote as artifacts, and returns the table's manifest as a dict. Sampling and scoring hold a
 model, so they run as `python -m leanpo_core.<stage>` children the task owns (`leanpo_core.launch`), inside the
 "gpu" concurrency slot of the host. Every stage resumes shard by shard, so a retry redoes only unfinished shards.
+
+Each task takes the manifest of the table it reads (`videos`, `frames`, ...): besides ordering the tasks, that puts
+the input's content hash into the task's cache key (`tasks.common.ContentKey`), so a re-run with unchanged inputs,
+config and code skips the stage, and a changed input table recomputes it.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
-from prefect.tasks import exponential_backoff
+from prefect.events import emit_event
 
 from leanpo_core import io, schemas
 from leanpo_core.config import FramesConfig, PairsConfig, ReflectConfig, SampleConfig, StageConfig
 from leanpo_core.launch import run_module
 from leanpo_core.layout import RunLayout
-from tasks.common import publish_table, transient_only
+from tasks.common import RETRIES, ContentKey, Progress, publish_table
 
-RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=10), "retry_condition_fn":
-           transient_only}
+PAIRS_PUBLISHED = "leanpo.pairs.published"
 
 
 def _run_stage(module: str, config: StageConfig, args: list[str], timeout_s: float | None = None) -> None:
@@ -33,7 +37,7 @@ def _run_stage(module: str, config: StageConfig, args: list[str], timeout_s: flo
         run_module(module, ["--config", str(config_file), *args], timeout_s=timeout_s, log=logger.info)
 
 
-@task(name="ingest", **RETRIES)
+@task(name="ingest", cache_policy=ContentKey(files=lambda inputs: [inputs["manifest_uri"]]), **RETRIES)
 def ingest(manifest_uri: str, root: str, split: str | None = "train", video_root: str | None = None) -> dict:
     """Validate the video-QA manifest (CSV, JSONL, Parquet or LLaVA-Hound jsonl) into the run's videos table."""
     from leanpo_core.videos import read_videos, write_videos
@@ -48,8 +52,8 @@ def ingest(manifest_uri: str, root: str, split: str | None = "train", video_root
     return manifest.to_dict()
 
 
-@task(name="frames", **RETRIES)
-def frames(root: str, config: FramesConfig) -> dict:
+@task(name="frames", cache_policy=ContentKey(), **RETRIES)
+def frames(root: str, config: FramesConfig, videos: dict) -> dict:
     """Decode each distinct video once into sampled frames; undecodable videos become failure rows."""
     from leanpo_core.frames import run_frames
 
@@ -62,19 +66,23 @@ def frames(root: str, config: FramesConfig) -> dict:
     return manifest.to_dict()
 
 
-@task(name="sample", **RETRIES)
-def sample(root: str, config: SampleConfig, timeout_s: float | None = None) -> dict:
+@task(name="sample", cache_policy=ContentKey(), **RETRIES)
+def sample(root: str, config: SampleConfig, videos: dict, frames: dict, timeout_s: float | None = None) -> dict:
     """Prior-infused sampling with the generator (hint + self-reflection wins, lean augmented view loses)."""
     layout = RunLayout(root)
-    with concurrency("gpu", occupy=1, strict=False):
+    shards = max(1, math.ceil(videos["rows"] / config.shard_size))
+    progress = Progress("sample-progress", f"Sampling {videos['rows']} questions in {shards} shard(s) with "
+                        f"`{config.model}`")
+    with concurrency("gpu", occupy=1, strict=False), \
+            progress.poll(lambda: len(io.shard_uris(layout.samples)) / shards):
         _run_stage("leanpo_core.sample", config, ["--root", root, "--no-progress"], timeout_s)
     manifest = io.dataset_manifest(layout.samples, schemas.SAMPLES)
     publish_table(manifest, schemas.SAMPLES)
     return manifest.to_dict()
 
 
-@task(name="reflect", **RETRIES)
-def reflect(root: str, config: ReflectConfig, model: str, timeout_s: float | None = None) -> dict:
+@task(name="reflect", cache_policy=ContentKey(), **RETRIES)
+def reflect(root: str, config: ReflectConfig, model: str, samples: dict, timeout_s: float | None = None) -> dict:
     """Score every candidate: self-judgement, token F1 against the answer, SFT mean log-prob; rank per side."""
     with concurrency("gpu", occupy=1, strict=False):
         _run_stage("leanpo_core.reflect", config, ["--model", model, "--root", root], timeout_s)
@@ -84,8 +92,8 @@ def reflect(root: str, config: ReflectConfig, model: str, timeout_s: float | Non
     return manifest.to_dict()
 
 
-@task(name="pairs", **RETRIES)
-def pairs(root: str, config: PairsConfig) -> dict:
+@task(name="pairs", cache_policy=ContentKey(), **RETRIES)
+def pairs(root: str, config: PairsConfig, scored: dict) -> dict:
     """Chosen = best winning candidate, rejected = worst losing one; drops kept with their reason."""
     from leanpo_core.pairs import run_pairs
 
@@ -93,3 +101,15 @@ def pairs(root: str, config: PairsConfig) -> dict:
     manifest = run_pairs(layout.videos, layout.frames, layout.scored, layout.pairs, config)
     publish_table(manifest, schemas.PAIRS)
     return manifest.to_dict()
+
+
+@task(name="announce-pairs")
+def announce_pairs(root: str, pairs: dict) -> dict:
+    """Emit `leanpo.pairs.published` for a new pairs table (what the retraining deployment's trigger waits for)."""
+    table = io.read_table(pairs["uri"], schemas.PAIRS).select(["kept"]).column("kept").to_pylist()
+    payload = {"root": root, "uri": pairs["uri"], "rows": pairs["rows"], "kept": sum(table),
+               "content_hash": pairs["content_hash"], "schema_version": pairs["schema_version"]}
+    emit_event(event=PAIRS_PUBLISHED, resource={"prefect.resource.id": f"leanpo.pairs.{root}",
+                                                 "prefect.resource.name": pairs["uri"]}, payload=payload)
+    get_run_logger().info(f"emitted {PAIRS_PUBLISHED} for {pairs['uri']} ({payload['kept']} kept pairs)")
+    return payload

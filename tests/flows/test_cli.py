@@ -1,9 +1,15 @@
-"""The `leanpo` command line: the demo end to end through a real temporary Prefect server, and `inspect`."""
+"""The `leanpo` command line: the demo end to end through a real temporary Prefect server, `run` with a bad config,
+`server` on localhost, and `inspect`."""
 
+import json
 import os
-from datetime import datetime, timezone
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -18,11 +24,12 @@ def leanpo(*args: str, env: dict | None = None, timeout: int = 600) -> subproces
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def test_demo_runs_the_data_refresh_through_prefect(tmp_path):
-    """The README's first command end to end (less the set-up): toy model, synthetic clips, a data-refresh round."""
+def test_demo_runs_the_pipeline_through_prefect(tmp_path):
+    """The README's first command end to end (less the set-up): toy model, synthetic clips, SFT warm start, a
+    data-refresh round, LeanPO training and evaluation before/after, with the summary that says where it all is."""
     workdir = tmp_path / "demo"
-    env = {"PREFECT_HOME": str(workdir / ".prefect")}  # the CLI's default; the test session sets another
-    proc = leanpo("demo", "--workdir", str(workdir), "--videos", "6", env=env)
+    env = {"PREFECT_HOME": str(workdir / ".prefect")}  # the test session sets another
+    proc = leanpo("demo", "--workdir", str(workdir), "--videos", "6", env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     round0 = workdir / "round-0"
     videos = io.read_table(str(round0 / "videos.parquet"), schemas.VIDEOS)
@@ -36,8 +43,63 @@ def test_demo_runs_the_data_refresh_through_prefect(tmp_path):
     assert pairs.num_rows == videos.num_rows
     for pair in pairs.to_pylist():  # every pair is kept, or dropped with a reason
         assert pair["kept"] or pair["drop_reason"]
+    warm = io.read_table(str(workdir / "sft" / "pairs.parquet"), schemas.PAIRS)
+    assert warm.column("chosen").to_pylist() == videos.column("answer").to_pylist()  # ground truth as chosen
+    [record] = (round0 / "train").glob("*/published.json")
+    published = json.loads(record.read_text())
+    assert published["objective"] == "leanpo" and published["steps"] > 0
+    assert (Path(published["model"]) / "config.json").exists() and Path(published["plot"]).exists()
+    assert "/sft/train/" in published["base_model"]  # trained from the warm-started model
+    evaluation = io.read_table(published["evaluation"], schemas.EVALUATION).to_pylist()
+    assert {r["model"] for r in evaluation} == {published["local_model"], published["base_model"]}
     assert f"leanpo inspect {round0 / 'pairs.parquet'}" in proc.stdout
-    assert (workdir / ".prefect" / "prefect.db").exists()  # kept for `prefect server start` to show the run
+    assert "LeanPO-trained model" in proc.stdout and "answer_accuracy" in proc.stdout and "leanpo server" in proc.stdout
+    assert (workdir / ".prefect" / "prefect.db").exists()  # kept for `leanpo server` to show the run
+
+
+def test_run_rejects_a_bad_config_naming_the_field(tmp_path):
+    """A config that fails validation stops `leanpo run` before any work, with the field's name and no traceback."""
+    config = tmp_path / "train.yaml"
+    config.write_text(f"root: {tmp_path / 'run'}\ntrain:\n  model: /models/sft\n  learning_rate: -1\n")
+    proc = leanpo("run", "train", "--config", str(config), env={"PREFECT_HOME": str(tmp_path / ".prefect")})
+    assert proc.returncode == 2, proc.stderr
+    assert "train.learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+    config.write_text("[not, a, mapping]\n")
+    proc = leanpo("run", "train", "--config", str(config), env={"PREFECT_HOME": str(tmp_path / ".prefect")})
+    assert proc.returncode == 2 and "must hold a mapping" in proc.stderr
+
+
+def test_server_serves_the_ui_on_localhost(tmp_path):
+    """`leanpo server` starts Prefect's server and UI on 127.0.0.1 with the given PREFECT_HOME's database."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    home = tmp_path / ".prefect"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], cwd=REPO,
+                            env={**os.environ, "PREFECT_HOME": str(home)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        health = None
+        for _ in range(240):  # a fresh database takes 10-20 s: wait for it (up to two minutes)
+            try:
+                health = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.5)
+        assert health == b"true", proc.stdout.read() if proc.poll() is not None else "server did not answer"
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+        assert "<html" in page.lower()
+        assert (home / "prefect.db").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -61,5 +123,5 @@ def test_inspect_missing_table_is_a_clear_error(tmp_path):
 def test_help_lists_the_commands():
     proc = leanpo("--help")
     assert proc.returncode == 0
-    for command in ("demo", "inspect", "toy"):
+    for command in ("demo", "run", "server", "serve", "inspect", "toy"):
         assert command in proc.stdout

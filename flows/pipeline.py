@@ -1,0 +1,41 @@
+"""The whole pipeline: data refresh -> train (-> evaluate -> publish), for one or more self-improvement rounds.
+
+    leanpo run pipeline --config pipeline.yaml    # parameters below as YAML/JSON; or the pipeline deployment
+
+Round r works under `<root>/round-r`. Round 0 samples with `sample.model` and trains `train.model` (normally the
+same SFT model); every later round samples with, scores with and trains the newest model (METHOD.md section 3's
+iterative self-improvement). Held-out questions for evaluation come from the same manifest (`evaluate.split`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from prefect import flow
+from pydantic import Field
+
+from leanpo_core import io
+from leanpo_core.config import EvaluateConfig, FramesConfig, PairsConfig, ReflectConfig, SampleConfig, TrainConfig
+from flows.data_refresh import data_refresh
+from flows.train import train_flow
+from tasks import report
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(manifest: str, root: str, sample: SampleConfig, train: TrainConfig,
+             frames: FramesConfig = FramesConfig(), reflect: ReflectConfig = ReflectConfig(),
+             pairs: PairsConfig = PairsConfig(), evaluate: EvaluateConfig = EvaluateConfig(),
+             rounds: Annotated[int, Field(ge=1, le=100, description="Self-improvement rounds.")] = 1,
+             split: str = "train", work_dir: str | None = None) -> dict:
+    """`rounds` rounds of sampling, scoring, pairing, training and evaluation, each from the newest model."""
+    generator, policy, done = sample.model, train.model, []
+    for index in range(rounds):
+        round_root = io.join_uri(root, f"round-{index}")
+        refresh = data_refresh(manifest, round_root, sample.model_copy(update={"model": generator, "round": index}),
+                               frames, reflect, pairs, split)
+        trained = train_flow(round_root, train.model_copy(update={"model": policy}), evaluate,
+                             heldout_manifest=manifest, frames=frames, work_dir=work_dir)
+        done.append({"generator": generator, "refresh": refresh, "train": trained})
+        generator = policy = trained["model"]
+    report.pipeline_report(root, done)
+    return {"rounds": done, "model": generator}
