@@ -4,7 +4,8 @@
 
 A new pairs table (not a cached one) is announced with the event `leanpo.pairs.published` (resource
 `leanpo.pairs.<root>`, payload: root, uri, rows, kept, content_hash, schema_version), which the retraining
-deployment's trigger waits for.
+deployment's trigger waits for. The pipeline flow trains on its own pairs, so it refreshes with `announce=False`
+(an event would start a second, triggered training on the same round).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from tasks import data, report
 @flow(name="data-refresh", log_prints=True)
 def data_refresh(manifest: str, root: str, sample: SampleConfig, frames: FramesConfig = FramesConfig(),
                  reflect: ReflectConfig = ReflectConfig(), pairs: PairsConfig = PairsConfig(),
-                 split: str = "train") -> dict:
-    """Build the preference pairs of one round from `manifest` under the run folder or s3:// prefix `root`."""
+                 split: str = "train", announce: bool = True) -> dict:
+    """Build the preference pairs of one round from `manifest` under the run folder or s3:// prefix `root`;
+    `announce`: emit `leanpo.pairs.published` when the pairs table is new."""
     videos = data.ingest(manifest, root, split)
     frames_table = data.frames(root, frames, videos)
     samples = data.sample(root, sample, videos, frames_table)
     scored = data.reflect(root, reflect, sample.model, samples)
     pairs_state = data.pairs(root, pairs, scored, return_state=True)
     pairs_table = pairs_state.result()
-    announced = pairs_state.name != "Cached"  # a cache hit is no new table
+    announced = announce and pairs_state.name != "Cached"  # a cache hit is no new table
     if announced:
         data.announce_pairs(root, pairs_table)
     outputs = {"videos": videos, "frames": frames_table, "samples": samples, "scored": scored, "pairs": pairs_table}

@@ -32,7 +32,7 @@ def pipeline(manifest: str, root: str, sample: SampleConfig, train: TrainConfig,
     for index in range(rounds):
         round_root = io.join_uri(root, f"round-{index}")
         refresh = data_refresh(manifest, round_root, sample.model_copy(update={"model": generator, "round": index}),
-                               frames, reflect, pairs, split)
+                               frames, reflect, pairs, split, announce=False)
         trained = train_flow(round_root, train.model_copy(update={"model": policy}), evaluate,
                              heldout_manifest=manifest, frames=frames, work_dir=work_dir)
         done.append({"generator": generator, "refresh": refresh, "train": trained})

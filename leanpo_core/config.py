@@ -16,10 +16,15 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class StageConfig(BaseModel):
-    """Base of every stage config: unknown fields are errors, values are re-validated on assignment."""
+MAX_TIMEOUT_S = 86400.0  # one day; the OS's wait calls overflow on timeouts near 1e9 s
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (transformers' set_seed) and vLLM take 32-bit seeds
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown fields are errors, values are re-validated on assignment, and no float
+    is inf or NaN unless its field says so (an infinite weight or epoch count would only fail deep inside a run)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     def config_hash(self) -> str:
         """A short content hash of the config's values (provenance and cache key)."""
@@ -40,7 +45,11 @@ class FramesConfig(StageConfig):
     max_side: int = Field(448, ge=16, le=4096, description="Resize so the longer side is at most this many pixels "
                           "(aspect kept). Processors resize again to their own grid.")
     decoder: Literal["auto", "decord", "pyav"] = Field("auto", description="auto: decord, PyAV when decord fails.")
-    timeout_s: float = Field(120.0, gt=0, description="Per-video decode time limit; a video past it is a failure.")
+    max_source_pixels: int = Field(7680 * 4320, ge=16 * 16, description="Largest source frame (width x height) "
+                                   "that is decoded, 8K UHD by default; a video declaring a larger one is a failure "
+                                   "(a file of a few KB can declare 16384x8192 frames: gigabytes and minutes).")
+    timeout_s: float = Field(120.0, gt=0, le=MAX_TIMEOUT_S, description="Per-video decode time limit; a video "
+                             "past it is a failure.")
     shard_size: int = Field(64, ge=1, description="Videos per shard (the unit of mapping, retry and resume).")
 
     @model_validator(mode="after")
@@ -71,7 +80,7 @@ class SampleConfig(StageConfig):
     aug_blur_sigma_min: float = Field(0.1, gt=0, description="GaussianBlur sigma, lower bound.")
     aug_blur_sigma_max: float = Field(2.0, gt=0, description="GaussianBlur sigma, upper bound.")
     aug_hflip_p: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
-    seed: int = Field(0, ge=0, description="Seeds sampling and augmentation: same seed, same data.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds sampling and augmentation: same seed, same data.")
     round: int = Field(0, ge=0, description="Self-improvement round this generation belongs to.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine).")
     max_model_len: int = Field(4096, ge=128, description="vLLM context length.")
@@ -106,6 +115,13 @@ class ReflectConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the SFT model scores (always fp32); "
                                                    "auto: cuda when available.")
 
+    @model_validator(mode="after")
+    def _some_weight(self) -> "ReflectConfig":
+        if self.judge_weight == self.prior_f1_weight == self.sft_logp_weight == 0:
+            raise ValueError("judge_weight, prior_f1_weight and sft_logp_weight are all 0: every candidate would "
+                             "score 0 and the ranking would be arbitrary")
+        return self
+
 
 class PairsConfig(StageConfig):
     """Ranking and selection of (chosen, rejected) pairs."""
@@ -124,7 +140,8 @@ class TrainConfig(StageConfig):
     beta: float | None = Field(None, gt=0, description="Reward scale; empty: 2.0 (leanpo, simpo) or 0.1 (dpo).")
     gamma: float = Field(0.5, ge=0, description="Target reward margin (leanpo, simpo).")
     label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="eps: smoothing on gated pairs (leanpo).")
-    smoothing_threshold: float = Field(0.0, description="d: smoothing applies where Delta < d; inf: always.")
+    smoothing_threshold: float = Field(0.0, allow_inf_nan=True, description="d: smoothing applies where Delta < d; "
+                                       "inf: always.")
     smoothing_form: Literal["symmetric", "conservative"] = Field("symmetric", description="Second smoothing term.")
     sft_weight: float = Field(0.5, ge=0, description="lambda_sft: weight of the chosen-response CE term.")
     learning_rate: float = Field(5e-7, gt=0, le=1, description="Peak learning rate.")
@@ -143,9 +160,10 @@ class TrainConfig(StageConfig):
     deepspeed: Literal["none", "zero2", "zero3"] = Field("zero2", description="DeepSpeed ZeRO stage config.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
-    seed: int = Field(42, ge=0, description="Seeds initialisation, data order and dropout.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seeds initialisation, data order and dropout.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every this many steps (resume point).")
-    wall_clock_limit_s: float = Field(24 * 3600, gt=0, description="The launcher kills training past this.")
+    wall_clock_limit_s: float = Field(24 * 3600, gt=0, le=30 * MAX_TIMEOUT_S, description="The launcher kills "
+                                      "training past this.")
 
     @property
     def effective_beta(self) -> float:
@@ -172,7 +190,7 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="Sequences per likelihood forward.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where likelihoods are scored (always "
                                                    "fp32); auto: cuda when available.")
-    seed: int = Field(0, ge=0, description="Generation seed.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Generation seed.")
 
     @model_validator(mode="after")
     def _room_for_prompt(self) -> "EvaluateConfig":
@@ -192,6 +210,15 @@ class PipelineConfig(StageConfig):
     train: TrainConfig
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
+    @model_validator(mode="after")
+    def _lean_view_is_lean(self) -> "PipelineConfig":
+        name = "num_frames" if self.frames.sampling == "uniform" else "max_frames"
+        frames = getattr(self.frames, name)
+        if self.sample.lose_frames >= frames:
+            raise ValueError(f"sample.lose_frames ({self.sample.lose_frames}) must be below frames.{name} ({frames}):"
+                             " the losing side's view would not be lean")
+        return self
+
 
 C = TypeVar("C", bound=StageConfig)
 
@@ -210,9 +237,13 @@ def load_config(path: str | Path, cls: type[C]) -> C:
     if path.suffix in {".yaml", ".yml"}:
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        parse, errors, kind = (lambda t: yaml.safe_load(t) or {}), yaml.YAMLError, "YAML"
     else:
-        data = json.loads(text)
+        parse, errors, kind = json.loads, json.JSONDecodeError, "JSON"
+    try:
+        data = parse(text)
+    except errors as exc:
+        raise ConfigError(f"invalid config {path}: not valid {kind} ({exc})") from exc
     try:
         return cls.model_validate(data)
     except ValidationError as exc:

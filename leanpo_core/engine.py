@@ -148,9 +148,11 @@ class VllmEngine:
         self.processor = AutoProcessor.from_pretrained(self.model)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer, self.adapter)
-        self.llm = LLM(**self.adapter.engine_kwargs(
+        kwargs = self.adapter.engine_kwargs(
             model=self.model, dtype=_resolve_dtype(dtype), seed=seed, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size, **llm_kwargs))
+            max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size, **llm_kwargs)
+        kwargs.pop("load_format", None)
+        self.llm = LLM(load_format="safetensors", **kwargs)  # weights as safetensors only: no pickled .bin files
 
     def prompt_input(self, request: Request) -> dict[str, Any]:
         """The vLLM prompt dict of a request: text prompt plus the frames and metadata exactly as given."""

@@ -4,7 +4,9 @@ decord first (random access, fast seeks); PyAV when decord cannot open or read t
 that make its seeks untrustworthy (MPEG-PS .mpg: decord opens it, then returns wrong frames silently). A folder of
 jpg/png frames, as LLaVA-Hound ships its videos, is read directly (decoder "folder"). Sampling is uniform (the centre
 of each of N equal segments, as LLaVA-Video and Qwen2-VL evaluation code do) or fps-capped; frames are downscaled
-inside the decoder (swscale / decord's scaler), which costs less than converting full-size frames to RGB.
+inside the decoder (swscale / decord's scaler), which costs less than converting full-size frames to RGB. A video
+whose header (or a later SPS) declares frames above `max_source_pixels` is refused before it is decoded: a few KB
+can declare 16384x8192 frames and cost gigabytes and minutes.
 
 The stage (`run_frames`) reads the videos table, decodes each distinct video once, and writes one frames shard and
 one failures shard per `shard_size` videos. Decoding runs in one long-lived worker process, so a video that hangs
@@ -18,7 +20,9 @@ one failures shard per `shard_size` videos. Decoding runs in one long-lived work
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io as pyio
 import json
 import os
 import re
@@ -95,15 +99,26 @@ def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _stream_size(path: str) -> tuple[int, int]:
+def _check_size(width: int, height: int, config: FramesConfig) -> None:
+    """Refuse a frame size the header does not give, or one above `max_source_pixels`, before anything is decoded."""
+    if not width or not height:
+        raise DecodeError(f"the header declares no frame size ({width}x{height})")
+    if width * height > config.max_source_pixels:
+        raise DecodeError(f"declared frame size {width}x{height} exceeds max_source_pixels={config.max_source_pixels}"
+                          " (a decompression bomb, or raise the limit)")
+
+
+def _stream_size(path: str, config: FramesConfig) -> tuple[int, int]:
     import av
 
     try:
         with av.open(path) as container:  # reads the header only
             context = container.streams.video[0].codec_context
-            return context.width, context.height
+            width, height = context.width, context.height
     except Exception as exc:
         raise DecodeError(f"unreadable header ({type(exc).__name__}: {exc})") from exc
+    _check_size(width, height, config)
+    return width, height
 
 
 def _decode_decord(path: str, config: FramesConfig) -> DecodedVideo:
@@ -111,7 +126,7 @@ def _decode_decord(path: str, config: FramesConfig) -> DecodedVideo:
 
     # decord exposes no frame size before decoding, so PyAV reads it from the header to let decord's own scaler
     # produce the output size (a separate resize of full-size RGB frames costs more than the decode).
-    width, height = _stream_size(path)
+    width, height = _stream_size(path, config)
     out_w, out_h = output_size(width, height, config.max_side)
     reader = decord.VideoReader(path, ctx=decord.cpu(0), width=out_w, height=out_h, num_threads=1)
     total, fps = len(reader), float(reader.get_avg_fps() or 0.0)
@@ -132,6 +147,7 @@ def _decode_pyav(path: str, config: FramesConfig) -> DecodedVideo:
 
     with av.open(path) as container:
         stream = container.streams.video[0]
+        _check_size(stream.codec_context.width, stream.codec_context.height, config)
         total = sum(1 for packet in container.demux(stream) if packet.size)  # counts without decoding
     if total == 0:
         raise DecodeError("pyav: no video packets")
@@ -150,6 +166,7 @@ def _decode_pyav(path: str, config: FramesConfig) -> DecodedVideo:
             except av.error.InvalidDataError:
                 continue  # a corrupt packet: keep going, the remaining frames usually decode
             for frame in decoded:
+                _check_size(frame.width, frame.height, config)  # an SPS mid-stream may declare another size
                 if index in wanted:  # scale and convert in one swscale pass (AREA: cheap, no aliasing)
                     frames.append(frame.to_ndarray(width=out_w, height=out_h, format="rgb24", interpolation="AREA"))
                     stamps.append((frame.time if frame.time is not None else start) - start)  # as decord
@@ -187,15 +204,18 @@ def decode_folder(folder: str, config: FramesConfig | None = None,
 
     config = config or FramesConfig()
     fs, path = io.filesystem(folder, options)
-    names = sorted((p for p in fs.ls(path, detail=False) if p.lower().endswith(_IMAGE_SUFFIXES)),
+    with _storage(folder, options):
+        listing = fs.ls(path, detail=False)
+    names = sorted((p for p in listing if p.lower().endswith(_IMAGE_SUFFIXES)),
                    key=lambda p: _natural_key(p.rsplit("/", 1)[-1]))
     if not names:
         raise DecodeError(f"folder: no {'/'.join(_IMAGE_SUFFIXES)} images in {folder}")
     indices = sample_indices(len(names), 0.0, config)  # no frame rate: fps sampling falls back to min_frames
     images = []
     for i in indices:
-        with fs.open(names[i], "rb") as f:
-            images.append(Image.open(f).convert("RGB"))
+        with _storage(folder, options):
+            data = fs.cat_file(names[i])
+        images.append(Image.open(pyio.BytesIO(data)).convert("RGB"))
     width, height = images[0].size
     size = output_size(width, height, config.max_side)
     frames = np.stack([np.asarray(im if im.size == size else im.resize(size, Image.BICUBIC)) for im in images])
@@ -203,19 +223,32 @@ def decode_folder(folder: str, config: FramesConfig | None = None,
                         "folder")
 
 
+def _storage(uri: str, options: io.StorageOptions | None) -> contextlib.AbstractContextManager:
+    """Around each read from object storage: a storage failure (endpoint down, access denied) becomes a StorageError,
+    which fails the stage so that a retry redoes the shard; recorded as the video's failure row instead, it would
+    never be retried (a resume skips finished shards). A missing object stays the video's own FileNotFoundError.
+    Local reads fail per video, as they are."""
+    if isinstance(io.filesystem(uri, options)[0], LocalFileSystem):
+        return contextlib.nullcontext()
+    return io.storage_errors("read", uri, options, missing_ok=True)
+
+
 def decode(video: str, config: FramesConfig | None = None, options: io.StorageOptions | None = None) -> DecodedVideo:
     """Decode any input the videos table may name: a video file or a frames folder, local or s3://."""
     config = config or FramesConfig()
     fs, path = io.filesystem(video, options)
-    if not fs.exists(path):
+    with _storage(video, options):
+        found, folder = fs.exists(path), fs.isdir(path)
+    if not found:
         raise FileNotFoundError(f"no such video file or frames folder: {video}")
-    if fs.isdir(path):
+    if folder:
         return decode_folder(video, config, options)
     if isinstance(fs, LocalFileSystem):
         return decode_video(path, config)
     with tempfile.TemporaryDirectory(prefix="leanpo-frames-") as tmp:  # decord and PyAV want a seekable local file
         local = os.path.join(tmp, os.path.basename(path))
-        fs.get_file(path, local)
+        with _storage(video, options):
+            fs.get_file(path, local)
         return decode_video(local, config)
 
 
@@ -312,7 +345,8 @@ class DecodeWorker:
         self._proc = self._conn = None
 
     def decode(self, video: str) -> tuple[dict, bytes]:
-        """(metadata, raw frames bytes) of `video`; raises VideoFailed (error, timeout or crash of the worker)."""
+        """(metadata, raw frames bytes) of `video`; raises VideoFailed (error, timeout or crash of the worker), or
+        StorageError when object storage could not be read (not the video's fault: the stage should fail)."""
         if self._proc is None:
             self.start()
         try:
@@ -327,13 +361,16 @@ class DecodeWorker:
                               "the decode worker was killed")
         try:
             reply = self._conn.recv()
-            if reply[0] == "error":
-                raise VideoFailed(*reply[1:])
-            return reply[1], self._conn.recv_bytes()
+            pixels = self._conn.recv_bytes() if reply[0] == "ok" else b""
         except (EOFError, OSError):
             code = self._proc.wait()
             self.close()
             raise VideoFailed("WorkerCrashed", f"the decode worker died (exit code {code}) while decoding") from None
+        if reply[0] == "error" and reply[1] == io.StorageError.__name__:
+            raise io.StorageError(reply[2])  # the storage, not the video: fail the stage, do not record it
+        if reply[0] == "error":
+            raise VideoFailed(*reply[1:])
+        return reply[1], pixels
 
 
 @dataclass
@@ -378,7 +415,8 @@ def run_frames(videos_uri: str, frames_uri: str, failures_uri: str, config: Fram
     Shard i holds distinct videos [i * shard_size, (i + 1) * shard_size) in first-appearance order, so the plan
     depends only on the videos table and the config. `shards` limits the run to those shard indices (for mapping
     shards over workers). A shard already done under the same config is skipped. Frames rows carry no clock
-    time, so the same inputs give byte-identical frames shards; failure rows record when they happened.
+    time, so the same inputs give byte-identical frames shards; failure rows record when they happened. Object
+    storage that cannot be read or written raises StorageError (the stage fails; a retry resumes at the shard).
     """
     from rich.progress import MofNCompleteColumn, Progress
 

@@ -133,8 +133,9 @@ def _scrub(text: str, options: StorageOptions | None) -> str:
 
 
 @contextlib.contextmanager
-def _storage_errors(action: str, uri: str, options: StorageOptions | None, missing_ok: bool) -> Iterator[None]:
-    """Turn any backend failure (botocore and aiohttp errors are not OSErrors) into one StorageError."""
+def storage_errors(action: str, uri: str, options: StorageOptions | None, missing_ok: bool) -> Iterator[None]:
+    """Turn any backend failure (botocore and aiohttp errors are not OSErrors) into one StorageError that names
+    `uri` and the endpoint, secrets scrubbed; with `missing_ok`, a missing object stays a FileNotFoundError."""
     try:
         yield
     except StorageError:
@@ -173,7 +174,7 @@ def _write_local(path: str, data: bytes) -> None:
 
 def _put_atomic(uri: str, data: bytes, options: StorageOptions | None) -> None:
     fs, path = filesystem(uri, options)
-    with _storage_errors("write", uri, options, missing_ok=False):
+    with storage_errors("write", uri, options, missing_ok=False):
         if _is_s3(uri):
             fs.pipe_file(path, data)  # one PUT, or a multipart upload that is invisible until completed
         else:
@@ -185,10 +186,13 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
     _put_atomic(uri, data, options)
 
 
-def _get(uri: str, options: StorageOptions | None) -> bytes:
-    """Fetch a whole object in one GET: ranged reads of an object being overwritten could mix two versions."""
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    """A whole stored object in one GET (ranged reads of an object being overwritten could mix two versions).
+
+    FileNotFoundError when nothing is stored there; StorageError (naming the URI and endpoint) for anything else.
+    """
     fs, path = filesystem(uri, options)
-    with _storage_errors("read", uri, options, missing_ok=True):
+    with storage_errors("read", uri, options, missing_ok=True):
         return fs.cat_file(path)
 
 
@@ -212,13 +216,13 @@ def write_table(data: pa.Table | Iterable[Mapping], uri: str, spec: schemas.Tabl
 
 def read_table(uri: str, spec: schemas.TableSpec, options: StorageOptions | None = None) -> pa.Table:
     """Read the table at `uri`; raise SchemaMismatch unless it was written as `spec` at `spec`'s version."""
-    table = pq.read_table(pa.BufferReader(_get(uri, options)))
+    table = pq.read_table(pa.BufferReader(read_bytes(uri, options)))
     return schemas.check_version(table, spec)
 
 
 def read_any(uri: str, options: StorageOptions | None = None) -> tuple[pa.Table, schemas.TableSpec | None]:
     """Read a stored table of any kind (for inspection) with the spec its metadata names, if it is one of ours."""
-    table = pq.read_table(pa.BufferReader(_get(uri, options)))
+    table = pq.read_table(pa.BufferReader(read_bytes(uri, options)))
     name = (table.schema.metadata or {}).get(schemas.TABLE_KEY, b"").decode()
     spec = schemas.TABLES.get(name)
     return (schemas.check_version(table, spec), spec) if spec else (table, None)
@@ -230,13 +234,13 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> Manifest:
     The table is written before its manifest, so a writer killed in between leaves the previous manifest: compare
     `content_hash` against the table's bytes where that matters.
     """
-    return Manifest.from_dict(json.loads(_get(uri + MANIFEST_SUFFIX, options)))
+    return Manifest.from_dict(json.loads(read_bytes(uri + MANIFEST_SUFFIX, options)))
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
     """True if a table (or a folder / prefix of shards) is stored at `uri`."""
     fs, path = filesystem(uri, options)
-    with _storage_errors("check", uri, options, missing_ok=True):
+    with storage_errors("check", uri, options, missing_ok=True):
         return fs.exists(path)
 
 
@@ -249,7 +253,7 @@ def join_uri(root: str, *parts: str) -> str:
 def list_uris(prefix: str, options: StorageOptions | None = None) -> list[str]:
     """URIs of every stored file below `prefix` (a folder), sorted; temporaries and manifests are left out."""
     fs, path = filesystem(prefix, options)
-    with _storage_errors("list", prefix, options, missing_ok=True):
+    with storage_errors("list", prefix, options, missing_ok=True):
         found = fs.find(path)  # a missing prefix lists as empty; a table's own URI lists as itself
     uris = []
     for name in found:
@@ -295,7 +299,7 @@ def read_columns(uri: str, spec: schemas.TableSpec, columns: list[str],
     this for indexes that a full `read_table` of the same shard confirms later, not for the data itself.
     """
     fs, path = filesystem(uri, options)
-    with _storage_errors("read", uri, options, missing_ok=True):
+    with storage_errors("read", uri, options, missing_ok=True):
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             meta = parquet.schema_arrow.metadata or {}

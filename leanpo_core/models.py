@@ -273,7 +273,9 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str = torch.floa
     source = str(path_or_hub_id)
     if device is not None:
         from_pretrained_kwargs.setdefault("device_map", str(device))
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
+    from_pretrained_kwargs.pop("use_safetensors", None)
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, use_safetensors=True,  # no pickles
+                                                        **from_pretrained_kwargs)
     processor = AutoProcessor.from_pretrained(source)
     adapter = adapter_for(model)
     return adapter.prepare_model(model), processor, adapter

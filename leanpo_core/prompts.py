@@ -3,12 +3,21 @@
 Values are inserted with `str.format` on fixed templates, so braces or template-like text inside a question or an
 answer are inserted literally and never interpreted. The chat wrapping and the video placeholder are the model
 family's business (`FamilyAdapter.build_prompt`); these functions return the user turn's text only.
+
+Tokenizers turn chat-control strings (`<|im_end|>`, `<video>`, `</s>`, ...) into special tokens wherever they occur,
+user text included. Questions and answers holding one are rejected by the manifest validation (`videos.py`); the
+model's own replies, which come back as `previous` and `response`, are defused instead (`defuse`).
 """
 
 from __future__ import annotations
 
 import math
 import re
+
+# Chat-control and media-placeholder tokens of the supported families: ChatML/Qwen `<|...|>`, LLaVA's `<image>` and
+# `<video>`, Llama's `<s>`, `</s>`, `<unk>`, `<pad>`.
+CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?s>|<(?:image|video|unk|pad)>")
+_WORD_JOINER = "\u2060"
 
 HINT = ("Here are some hints: {answer}. Please respond based on the given hints and the video content.\n"
         "{question}")
@@ -29,7 +38,7 @@ def hint_prompt(question: str, answer: str) -> str:
 
 def reflection_prompt(question: str, answer: str, previous: str) -> str:
     """Self-reflection: the model's previous reply, the hint again, and the question; its output is y_w."""
-    return REFLECTION.format(previous=previous.strip(), answer=_clean(answer), question=question)
+    return REFLECTION.format(previous=defuse(previous.strip()), answer=_clean(answer), question=question)
 
 
 def plain_prompt(question: str) -> str:
@@ -39,7 +48,13 @@ def plain_prompt(question: str) -> str:
 
 def judge_prompt(question: str, answer: str, response: str) -> str:
     """Self-reflection judgement: the same model rates a candidate against the prior knowledge and the video."""
-    return JUDGE.format(question=question, answer=_clean(answer), response=response.strip())
+    return JUDGE.format(question=question, answer=_clean(answer), response=defuse(response.strip()))
+
+
+def defuse(reply: str) -> str:
+    """`reply` with a word joiner (U+2060, invisible) after the "<" of every control token, so a model reply that
+    spells "<|im_end|>" in plain characters cannot end the user turn of the prompt it is quoted in."""
+    return CONTROL_TOKEN.sub(lambda m: m.group()[0] + _WORD_JOINER + m.group()[1:], reply)
 
 
 def _clean(answer: str) -> str:

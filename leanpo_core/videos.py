@@ -6,9 +6,10 @@ unchanged: fields id, video (a folder of extracted frames, resolved against `vid
 its `<video>` placeholder removed: the model adapter places the video itself), answer, chosen, rejected.
 
 Every problem is reported at once, each naming its row and column: missing columns, wrong types, duplicate ids,
-empty question or answer, text that is not UTF-8, `..` in a video path, and absolute paths or URIs outside the
-allowed roots (the manifest's folder or `video_root`, plus `roots`). Relative video paths resolve against
-`video_root` when given, else against the manifest's folder.
+empty question or answer, text that is not UTF-8, chat-control tokens in text (`<|im_end|>`, `<video>`, ...: see
+`prompts.CONTROL_TOKEN`), `..` in a video path, and absolute paths or URIs outside the allowed roots (the manifest's
+folder or `video_root`, plus `roots`). Relative video paths resolve against `video_root` when given, else against
+the manifest's folder.
 
     python -m leanpo_core.videos data/qa.jsonl --out runs/r1/videos.parquet
     python -m leanpo_core.videos sft_dpo_17k.jsonl --video-root /data/hound/frames --out s3://bucket/r1/videos.parquet
@@ -25,11 +26,15 @@ import posixpath
 from typing import Any
 
 from leanpo_core import io, schemas
+from leanpo_core.prompts import CONTROL_TOKEN
 
 REQUIRED = ("id", "video", "question", "answer")
 OPTIONAL = ("split", "source", "chosen", "rejected")
 _HOUND = ("id", "video", "prompt", "answer")  # LLaVA-Hound's DPO jsonl; chosen/rejected optional
 _MAX_LISTED = 20
+# Tokenizers turn chat-control strings into special tokens even inside user text, so a question holding one could
+# close the user turn, open a fake system turn or add a second video slot.
+_TEXT_COLUMNS = ("question", "answer", "chosen", "rejected")
 
 
 class ManifestError(ValueError):
@@ -56,11 +61,11 @@ def _decode_lines(data: bytes, errors: list[str]) -> list[str]:
     return lines
 
 
-def _read_records(uri: str, options: io.StorageOptions | None, errors: list[str]) -> tuple[list[dict], list[str]]:
-    """(records, column names) of the manifest; parse errors go to `errors`."""
-    fs, path = io.filesystem(uri, options)
+def _read_records(uri: str, options: io.StorageOptions | None,
+                  errors: list[str]) -> tuple[list[dict], list[str], list[int] | None]:
+    """(records, column names, each record's line or None) of the manifest; parse errors go to `errors`."""
     try:
-        data = fs.cat_file(path)
+        data = io.read_bytes(uri, options)
     except FileNotFoundError:
         raise ManifestError(f"{uri}: no such manifest") from None
     kind = _fmt(uri)
@@ -68,13 +73,13 @@ def _read_records(uri: str, options: io.StorageOptions | None, errors: list[str]
         import pyarrow.parquet as pq
 
         table = pq.read_table(pyio.BytesIO(data))
-        return table.to_pylist(), table.column_names  # types are checked per cell, so errors name the row
+        return table.to_pylist(), table.column_names, None  # types are checked per cell, so errors name the row
     lines = _decode_lines(data.removeprefix(b"\xef\xbb\xbf"), errors)
     if kind == "csv":
         reader = csv.DictReader(lines)
         records = [dict(row) for row in reader]
-        return records, list(reader.fieldnames or [])
-    records, columns = [], {}
+        return records, list(reader.fieldnames or []), None
+    records, columns, line_of = [], {}, []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -87,33 +92,34 @@ def _read_records(uri: str, options: io.StorageOptions | None, errors: list[str]
             errors.append(f"line {number}: expected a JSON object, found {type(record).__name__}")
             continue
         records.append(record)
+        line_of.append(number)
         columns.update(dict.fromkeys(record))
-    return records, list(columns)
+    return records, list(columns), line_of
 
 
-def _text(value: Any, row: int, column: str, errors: list[str], required: bool) -> str | None:
+def _text(value: Any, row: str, column: str, errors: list[str], required: bool) -> str | None:
     if value is None or (value == "" and not required):
         if required:
-            errors.append(f"row {row}, column {column!r}: missing value")
+            errors.append(f"{row}, column {column!r}: missing value")
         return None
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
-            errors.append(f"row {row}, column {column!r}: not UTF-8 text")
+            errors.append(f"{row}, column {column!r}: not UTF-8 text")
             return None
     if column == "id" and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # JSON ids are often numbers
     if not isinstance(value, str):
-        errors.append(f"row {row}, column {column!r}: expected a string, found {type(value).__name__}")
+        errors.append(f"{row}, column {column!r}: expected a string, found {type(value).__name__}")
         return None
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\udc80" escape
-        errors.append(f"row {row}, column {column!r}: not UTF-8 text")
+        errors.append(f"{row}, column {column!r}: not UTF-8 text")
         return None
     if required and not value.strip():
-        errors.append(f"row {row}, column {column!r}: empty")
+        errors.append(f"{row}, column {column!r}: empty")
         return None
     return value
 
@@ -161,7 +167,7 @@ def read_videos(uri: str, video_root: str | None = None, roots: list[str] | None
     `roots`: further folders or s3:// prefixes that absolute paths and URIs may point into.
     """
     errors: list[str] = []
-    records, columns = _read_records(uri, options, errors)
+    records, columns, line_of = _read_records(uri, options, errors)
     hound = "question" not in columns and "prompt" in columns
     needed = _HOUND if hound else REQUIRED
     missing = [c for c in needed if c not in columns]
@@ -173,25 +179,33 @@ def read_videos(uri: str, video_root: str | None = None, roots: list[str] | None
     rows: list[dict] = []
     first_row_of: dict[str, int] = {}
     for number, record in enumerate(records, start=1):
-        row = {c: _text(record.get(c), number, c, errors, required=True) for c in needed}
-        row.update({c: _text(record.get(c), number, c, errors, required=False) for c in OPTIONAL})
+        # JSONL skips blank and broken lines, so a row's number and its line can differ: name both then.
+        line = line_of[number - 1] if line_of else number
+        where = f"row {number}" if line == number else f"row {number} (line {line})"
+        row = {c: _text(record.get(c), where, c, errors, required=True) for c in needed}
+        row.update({c: _text(record.get(c), where, c, errors, required=False) for c in OPTIONAL})
         if hound:
             row["question"] = row.pop("prompt")
             if row["question"] is not None:
                 row["question"] = row["question"].replace("<video>\n", "").replace("<video>", "").strip()
                 if not row["question"]:
-                    errors.append(f"row {number}, column 'prompt': empty once its <video> placeholder is removed")
+                    errors.append(f"{where}, column 'prompt': empty once its <video> placeholder is removed")
             row["source"] = row["source"] or "llava_hound"
+        for column in _TEXT_COLUMNS:
+            if row[column] is not None and (found := CONTROL_TOKEN.search(row[column])):
+                name = "prompt" if hound and column == "question" else column
+                errors.append(f"{where}, column {name!r}: contains the chat control token {found.group()!r}, "
+                              "which the model's tokenizer would read as a special token")
         if row["id"] is not None:
             if row["id"] in first_row_of:
-                errors.append(f"row {number}, column 'id': duplicate id {row['id']!r} (first in row "
+                errors.append(f"{where}, column 'id': duplicate id {row['id']!r} (first in row "
                               f"{first_row_of[row['id']]})")
             first_row_of.setdefault(row["id"], number)
         if row["video"] is not None:
             try:
                 row["video"] = resolve_video(row["video"], base, allowed)
             except ValueError as exc:
-                errors.append(f"row {number}, column 'video': {exc}")
+                errors.append(f"{where}, column 'video': {exc}")
         rows.append(row)
     if not records and not errors:
         errors.append("no rows")
