@@ -77,9 +77,8 @@ def _canonical(value: Any) -> Any:
 def file_hash(uri: str) -> str | None:
     """sha256 of a stored object's bytes (an input manifest), or None when it cannot be read now."""
     try:
-        fs, path = io.filesystem(uri)
-        return hashlib.sha256(fs.cat_file(path)).hexdigest()
-    except OSError:
+        return hashlib.sha256(io.read_bytes(uri)).hexdigest()
+    except OSError:  # FileNotFoundError or StorageError (naming the location, never the credentials)
         return None
 
 

@@ -95,8 +95,7 @@ def train_markdown(trained: dict, evaluation: dict | None, published: dict) -> s
 
 
 def io_text(uri: str) -> str:
-    fs, path = io.filesystem(uri)
-    return fs.cat_file(path).decode()
+    return io.read_bytes(uri).decode()
 
 
 @task(name="train-report")
