@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import platform
 import statistics
 import subprocess
@@ -37,7 +36,8 @@ BACKENDS = ("vllm", "transformers")
 
 
 def build_requests(model: str, questions: int, candidates: int, max_tokens: int, work: Path) -> Path:
-    """Pickle the stage's first-turn requests for one shard; returns the file."""
+    """Store the stage's first-turn requests for one shard (JSON + one .npy of frames each, no pickle); returns
+    the JSON file."""
     from transformers import AutoProcessor
 
     from leanpo_core import models, toy
@@ -57,16 +57,37 @@ def build_requests(model: str, questions: int, candidates: int, max_tokens: int,
         question = {"id": f"q{i}", "question": f"What does the shape do in the video? ({i})",
                     "answer": "A coloured square moves across the video."}
         requests += first_turn(shim, question, row, video.frames, config, pos=i)[1]
-    path = work / "requests.pkl"
-    path.write_bytes(pickle.dumps(requests))
+    import dataclasses
+
+    import numpy as np
+
+    stored = []
+    for index, request in enumerate(requests):
+        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name != "frames"}
+        frames = work / f"frames-{index}.npy"
+        np.save(frames, request.frames, allow_pickle=False)
+        stored.append({**fields, "frames": frames.name})
+    path = work / "requests.json"
+    path.write_text(json.dumps(stored, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     return path
+
+
+def load_requests(path: str) -> list:
+    """The requests `build_requests` stored."""
+    import numpy as np
+
+    from leanpo_core.engine import Request
+
+    folder = Path(path).parent
+    return [Request(**{**r, "frames": np.load(folder / r["frames"], allow_pickle=False)})
+            for r in json.loads(Path(path).read_text())]
 
 
 def worker(backend: str, model: str, requests_path: str, repeats: int, out: str) -> None:
     """In a fresh process: start the engine, warm up, time `repeats` calls; write the numbers as JSON."""
     from leanpo_core.engine import open_engine
 
-    requests = pickle.loads(Path(requests_path).read_bytes())
+    requests = load_requests(requests_path)
     start = time.perf_counter()
     engine = open_engine(model, backend, max_model_len=2048, max_num_seqs=max(16, len(requests)))
     started = time.perf_counter()

@@ -132,8 +132,6 @@ _LOADERS = {("pickle", "load"): None, ("pickle", "loads"): None, ("dill", "load"
             ("numpy", "load"): "no allow_pickle", ("yaml", "load"): "safe loader", ("yaml", "unsafe_load"): None}
 # Present now in files this helper does not own; each line says what to change. Remove a line once fixed.
 PENDING = {
-    ("bench/sample_bench.py", "pickle.loads"): "pass the requests as JSON (frames as .npy without pickle)",
-    ("bench/trl_step_bench.py", "AutoModelForCausalLM.from_pretrained"): "add use_safetensors=True",
 }
 
 

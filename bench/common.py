@@ -1,0 +1,95 @@
+"""Shared by the benchmarks: child processes that report JSON, peak resident memory, medians, the results header."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE, RESULTS = HERE / ".cache", HERE / "results"
+
+
+def ensure_cache() -> Path:
+    """bench/.cache/, which ignores itself in git."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / ".gitignore").write_text("*\n")
+    return CACHE
+
+
+def proc_status_kib(field: str) -> int:
+    """A kB field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident since start or last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux clear_refs 5), so a later peak covers only what follows."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def run_child(argv: list[str], python: str | None = None, env: dict | None = None, timeout: float = 1800) -> dict:
+    """Run a Python child whose last stdout line is one JSON object; return it (stderr shown on failure)."""
+    cmd = [python or sys.executable, *argv]
+    full_env = {**os.environ, **(env or {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
+        raise RuntimeError(f"child failed ({done.returncode}): {' '.join(cmd)}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def emit(result: dict) -> None:
+    """A child's report: one JSON line, last on stdout."""
+    print(json.dumps(result), flush=True)
+
+
+def machine_line() -> str:
+    """Host, CPUs, load average, threads: ties a results file to the machine it came from."""
+    return (f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+            f"load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+def versions(*names: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} (absent)")
+    return ", ".join(out)
+
+
+def write_result(name: str, title: str, command: str, body: list[str]) -> str:
+    """Write bench/results/<name>.md: title, command, UTC date, machine, then `body`; return the text."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# {title}", "", f"`{command}`, {now}, on {machine_line()}.", "", *body]
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    tmp = RESULTS / f"{name}.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(RESULTS / f"{name}.md")
+    return text
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    return " ".join([".venv/bin/python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
