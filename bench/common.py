@@ -40,6 +40,19 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def time_steps(step, steps: int) -> tuple[list[float], list[float]]:
+    """Wall and process (CPU) seconds of each of `steps` calls of `step()`."""
+    import time
+
+    times, cpu_times = [], []
+    for _ in range(steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
+
+
 def run_child(argv: list[str], python: str | None = None, env: dict | None = None, timeout: float = 1800) -> dict:
     """Run a Python child whose last stdout line is one JSON object; return it (stderr shown on failure)."""
     cmd = [python or sys.executable, *argv]

@@ -138,12 +138,7 @@ def child_leanpo(args) -> dict:
     common.reset_peak_rss()
     for _ in range(args.warmup):
         step()
-    times, cpu_times = [], []
-    for _ in range(args.steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
+    times, cpu_times = common.time_steps(step, args.steps)
     peak = common.proc_status_kib("VmHWM")
     return {"times": times, "cpu_times": cpu_times, "peak_delta_mib": (peak - rss_before) / 1024,
             "peak_mib": peak / 1024, "tokens": int(batch["input_ids"].numel())}

@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -130,12 +129,7 @@ def child(args) -> dict:
     first_loss = step()
     for _ in range(args.warmup - 1):
         step()
-    times, cpu_times = [], []
-    for _ in range(args.steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
+    times, cpu_times = common.time_steps(step, args.steps)
     labels = batch["labels"]
     return {"times": times, "cpu_times": cpu_times, "first_loss": first_loss,
             "peak_delta_mib": (common.proc_status_kib("VmHWM") - rss_before) / 1024,
