@@ -77,6 +77,9 @@ def prefect_environment() -> None:
     """
     os.environ.setdefault("PREFECT_HOME", str(DEFAULT_HOME.resolve()))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last folder
+    # Task results (what the cache serves) beside the database: Prefect 3.7 otherwise keeps them in
+    # ~/.prefect/storage whatever PREFECT_HOME says.
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(os.environ["PREFECT_HOME"]) / "storage"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

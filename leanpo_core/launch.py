@@ -133,6 +133,9 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Non
     by_rank: dict[int, collections.deque[str]] = collections.defaultdict(
         lambda: collections.deque(maxlen=tail_lines))
     launcher_lines: collections.deque[str] = collections.deque(maxlen=400)  # unprefixed: the failure report
+    # The child lives in its own session (so its whole group can be killed), which also cuts it loose from ours:
+    # `stage_entry` in the child and in every rank watches this process and kills its group when it is gone.
+    env = {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
     proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
                             start_new_session=True)
@@ -221,13 +224,56 @@ def run_module(module: str, args: Sequence[str] = (), *, launcher: str = "python
     run(cmd, env=env, **kwargs)
 
 
+PARENT_PID_ENV = "LEANPO_LAUNCHER_PID"
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _die_with_launcher(poll_s: float = 1.0) -> None:
+    """Kill this process group when the process that launched it (`run`) is gone.
+
+    A SIGKILLed orchestrator (a Prefect worker and its flow-run process killed together) cannot kill the group it
+    started in a new session; without this the stage (a vLLM engine, every training rank) would run on as an
+    orphan, writing the table a re-run is writing too.
+    """
+    pid = os.environ.get(PARENT_PID_ENV)
+    if not pid or not pid.isdigit() or int(pid) == os.getpid():
+        return
+
+    def watch() -> None:
+        while _alive(int(pid)):
+            time.sleep(poll_s)
+        try:  # the launcher read our output: the pipe is most likely broken now
+            print(f"leanpo: the launcher (pid {pid}) is gone; stopping this process group", file=sys.stderr,
+                  flush=True)
+        except (OSError, ValueError):
+            pass
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+
+
 def stage_entry(main: Callable[[], Any]) -> None:
     """Run a stage's CLI `main()`; a deterministic failure exits EXIT_BAD_INPUT with one line on stderr.
 
     Deterministic: an invalid config (ConfigError, pydantic's ValidationError), a table that does not match its
     schema (SchemaMismatch), an invalid manifest (ManifestError) or a missing input (FileNotFoundError; a
     StorageError, an unreachable store, is not one). Anything else propagates with its traceback (exit 1), and the
-    orchestrator may retry it. Every `python -m leanpo_core.<stage>` ends in this.
+    orchestrator may retry it. Every `python -m leanpo_core.<stage>` ends in this. Started by `run`, the stage (and
+    each rank) also stops its whole process group when the launching process is gone.
     """
     from pydantic import ValidationError
 
@@ -235,6 +281,7 @@ def stage_entry(main: Callable[[], Any]) -> None:
     from leanpo_core.schemas import SchemaMismatch
     from leanpo_core.videos import ManifestError
 
+    _die_with_launcher()
     try:
         main()
     except (ConfigError, SchemaMismatch, ManifestError, ValidationError, FileNotFoundError) as exc:

@@ -14,6 +14,9 @@ for key, value in {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "PREFECT_HOME": os.path.join(_home, "prefect"),
+    # Prefect 3.7 keeps task results in ~/.prefect/storage whatever PREFECT_HOME says: a cache shared across
+    # sessions would serve one test run's results to the next.
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": os.path.join(_home, "prefect", "storage"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "TORCH_EXTENSIONS_DIR": os.path.join(_home, "torch_extensions"),

@@ -131,3 +131,51 @@ def test_multi_rank_failure_names_the_rank_and_keeps_its_exit_code(launcher, tmp
     if launcher == "torchrun":
         assert "rank 1 starts" in e.rank_tail and not any("rank 0" in line for line in e.rank_tail)
         assert any("field x" in line for line in e.rank_tail)
+
+
+def test_stage_dies_with_its_launcher(tmp_path):
+    """A launcher SIGKILLed (as a Prefect worker and its flow-run process can be) cannot kill the group it started
+    in a new session; the stage (`stage_entry`) notices its launcher is gone and stops its own group, grandchildren
+    included."""
+    import signal
+    import subprocess
+
+    pids = tmp_path / "pids"
+    stage = ("import os, subprocess, sys, time\n"
+             "from leanpo_core.launch import stage_entry\n"
+             "def main():\n"
+             "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+             f"    open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+             "    time.sleep(120)\n"
+             "stage_entry(main)\n")
+    launcher = ("import sys\nfrom leanpo_core.launch import run\n"
+                f"run([sys.executable, '-c', {stage!r}], log=lambda _: None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO)
+    try:
+        for _ in range(600):
+            if pids.exists() and len(pids.read_text().split()) == 2:
+                break
+            time.sleep(0.1)
+        stage_pid, grandchild = map(int, pids.read_text().split())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+        def gone(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except FileNotFoundError:
+                return True
+
+        for _ in range(200):
+            if gone(stage_pid) and gone(grandchild):
+                break
+            time.sleep(0.1)
+        assert gone(stage_pid) and gone(grandchild)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in (map(int, pids.read_text().split()) if pids.exists() else []):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
