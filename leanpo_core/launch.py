@@ -135,7 +135,7 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Non
     launcher_lines: collections.deque[str] = collections.deque(maxlen=400)  # unprefixed: the failure report
     # The child lives in its own session (so its whole group can be killed), which also cuts it loose from ours:
     # `stage_entry` in the child and in every rank watches this process and kills its group when it is gone.
-    env = {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+    env = {"PYTHONUNBUFFERED": "1", **(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
     proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
                             start_new_session=True)
@@ -217,8 +217,7 @@ def run_module(module: str, args: Sequence[str] = (), *, launcher: str = "python
                hostfile: str | None = None, master_port: int | None = None, **kwargs) -> None:
     """`run` for `python -m module args...` with this interpreter (so the child sees the same environment), or under
     a distributed launcher (`distributed_command`)."""
-    env = kwargs.pop("env", None)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {**os.environ, **(kwargs.pop("env", None) or {})}
     cmd = distributed_command(module, args, nproc_per_node=nproc_per_node, launcher=launcher, hostfile=hostfile,
                               master_port=master_port)
     run(cmd, env=env, **kwargs)

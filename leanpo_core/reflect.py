@@ -27,11 +27,6 @@ import hashlib
 import re
 import string
 import traceback
-from typing import Any, Sequence
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from leanpo_core import frames, io, models, prompts, schemas
 from leanpo_core.config import ReflectConfig, load_config

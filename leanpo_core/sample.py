@@ -41,11 +41,11 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from leanpo_core import augment, frames, io, models, prompts, schemas
+from leanpo_core import augment, frames, io, prompts, schemas
 from leanpo_core.config import ConfigError, SampleConfig, load_config
 from leanpo_core.layout import add_table_arguments, table_arguments
 from leanpo_core.engine import Completion, Engine, Request, open_engine

@@ -49,6 +49,13 @@ RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_fact
 _SOURCES = Path(__file__).resolve().parents[1]
 
 
+def write_config(config: StageConfig, folder: str) -> str:
+    """The stage config as the JSON file a `python -m leanpo_core.<stage> --config` child reads; returns its path."""
+    path = Path(folder) / "config.json"
+    path.write_text(config.model_dump_json())
+    return str(path)
+
+
 def _code_version() -> str:
     """A hash of the stage code (leanpo_core and tasks): a changed stage invalidates every cached result."""
     digest = hashlib.sha256()

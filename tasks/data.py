@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
@@ -24,7 +23,7 @@ from leanpo_core import io, schemas
 from leanpo_core.config import FramesConfig, PairsConfig, ReflectConfig, SampleConfig, StageConfig
 from leanpo_core.launch import run_module
 from leanpo_core.layout import RunLayout
-from tasks.common import RETRIES, ContentKey, Progress, publish_table
+from tasks.common import RETRIES, ContentKey, Progress, publish_table, write_config
 
 PAIRS_PUBLISHED = "leanpo.pairs.published"
 
@@ -32,9 +31,7 @@ PAIRS_PUBLISHED = "leanpo.pairs.published"
 def _run_stage(module: str, config: StageConfig, args: list[str], timeout_s: float | None = None) -> None:
     logger = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="leanpo-") as folder:
-        config_file = Path(folder) / "config.json"
-        config_file.write_text(config.model_dump_json())
-        run_module(module, ["--config", str(config_file), *args], timeout_s=timeout_s, log=logger.info)
+        run_module(module, ["--config", write_config(config, folder), *args], timeout_s=timeout_s, log=logger.info)
 
 
 @task(name="ingest", cache_policy=ContentKey(files=lambda inputs: [inputs["manifest_uri"]]), **RETRIES)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -25,9 +24,9 @@ from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
 from leanpo_core import io, launch, schemas
-from leanpo_core.config import EvaluateConfig, StageConfig, TrainConfig
+from leanpo_core.config import EvaluateConfig, TrainConfig
 from leanpo_core.layout import RunLayout
-from tasks.common import RETRIES, ContentKey, Progress, link, publish_table, transient_only
+from tasks.common import RETRIES, ContentKey, Progress, link, publish_table, transient_only, write_config
 
 Launcher = Literal["auto", "python", "torchrun", "deepspeed"]
 # One retry, after a minute: a lost rank or a killed host resumes from its checkpoint; a crash does not recur.
@@ -56,12 +55,6 @@ def _command(args: list[str], nproc_per_node: int, launcher: Launcher) -> list[s
     return launch.distributed_command("leanpo_core.train", args, nproc_per_node=nproc_per_node, launcher=launcher)
 
 
-def _write_config(config: StageConfig, folder: str) -> str:
-    path = Path(folder) / "config.json"
-    path.write_text(config.model_dump_json())
-    return str(path)
-
-
 @task(name="train", cache_policy=ContentKey(), **TRAIN_RETRIES)
 def train(config: TrainConfig, pairs: dict, frames: dict, output_dir: str, run_id: str, nproc_per_node: int = 1,
           launcher: Launcher = "auto") -> dict:
@@ -79,12 +72,12 @@ def train(config: TrainConfig, pairs: dict, frames: dict, output_dir: str, run_i
             logger.info(line)
 
     with tempfile.TemporaryDirectory(prefix="leanpo-") as folder:
-        args = ["--config", _write_config(config, folder), "--pairs", pairs["uri"], "--frames", frames["uri"],
+        args = ["--config", write_config(config, folder), "--pairs", pairs["uri"], "--frames", frames["uri"],
                 "--out", output_dir, "--run-id", run_id]
         command = _command(args, nproc_per_node, launcher)
         logger.info(f"launching: {' '.join(command)}")
         with concurrency("gpu", occupy=1, strict=False):
-            launch.run(command, env=_child_env(), timeout_s=config.wall_clock_limit_s, log=log)
+            launch.run(command, timeout_s=config.wall_clock_limit_s, log=log)
     progress.update(1.0, force=True)
     metrics = io.read_manifest(io.join_uri(output_dir, "metrics.parquet"))
     publish_table(metrics, schemas.TRAIN_METRICS)
@@ -94,10 +87,6 @@ def train(config: TrainConfig, pairs: dict, frames: dict, output_dir: str, run_i
             "model": str(Path(output_dir) / "model"), "metrics": metrics.to_dict(),
             "plot": str(Path(output_dir) / "metrics.png"), "steps": last.get("step", 0),
             "final_loss": last.get("loss"), "uri": output_dir, "content_hash": metrics.content_hash}
-
-
-def _child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 @task(name="sft-pairs", cache_policy=ContentKey(), **RETRIES)
@@ -135,7 +124,7 @@ def evaluate(trained: dict, config: EvaluateConfig, videos: dict, frames: dict, 
 
     logger = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="leanpo-") as folder:
-        args = ["--config", _write_config(config, folder), "--model", trained["model"], "--videos", videos["uri"],
+        args = ["--config", write_config(config, folder), "--model", trained["model"], "--videos", videos["uri"],
                 "--frames", frames["uri"], "--out", out, "--run-id", run_id]
         args += ["--pairs", pairs["uri"]] if pairs else []
         args += ["--baseline", baseline] if baseline else []
