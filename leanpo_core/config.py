@@ -44,7 +44,9 @@ class FramesConfig(StageConfig):
     min_frames: int = Field(2, ge=1, le=1024, description="Floor on frames with fps sampling (short clips).")
     max_side: int = Field(448, ge=16, le=4096, description="Resize so the longer side is at most this many pixels "
                           "(aspect kept). Processors resize again to their own grid.")
-    decoder: Literal["auto", "decord", "pyav"] = Field("auto", description="auto: decord, PyAV when decord fails.")
+    decoder: Literal["auto", "decord", "pyav"] = Field("auto", description="auto: PyAV (indexed: seeks, skips "
+                                                       "unreferenced frames), decord when PyAV fails; decord or "
+                                                       "pyav: that one alone.")
     max_source_pixels: int = Field(7680 * 4320, ge=16 * 16, description="Largest source frame (width x height) "
                                    "that is decoded, 8K UHD by default; a video declaring a larger one is a failure "
                                    "(a file of a few KB can declare 16384x8192 frames: gigabytes and minutes).")

