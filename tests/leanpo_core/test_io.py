@@ -98,6 +98,26 @@ def test_manifest_describes_stored_bytes(root):
         manifest.rows = 6
 
 
+def test_binary_columns_compressed_only_where_it_pays(tmp_path):
+    """Raw pixels that zstd cannot shrink (noise) are stored plain, compressible ones zstd, small columns always
+    zstd; the choice depends on the bytes alone, so the same rows still give the same file."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    noise, smooth = rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes(), bytes(range(256)) * (3 << 12)
+    row = sample_rows(schemas.FRAMES, 1)[0]
+    for name, pixels, expected in (("noise", noise, "UNCOMPRESSED"), ("smooth", smooth, "ZSTD")):
+        uri = str(tmp_path / f"{name}.parquet")
+        manifest = io.write_table([{**row, "frames": pixels}], uri, schemas.FRAMES)
+        meta = pq.ParquetFile(uri).metadata.row_group(0)
+        codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
+        assert codecs.pop("frames") == expected and set(codecs.values()) == {"ZSTD"}, codecs
+        assert io.read_table(uri, schemas.FRAMES).column("frames")[0].as_py() == pixels
+        again = io.write_table([{**row, "frames": pixels}], str(tmp_path / f"{name}-again.parquet"), schemas.FRAMES)
+        assert again.content_hash == manifest.content_hash
+
+
 def test_version_or_table_mismatch_raises(root):
     uri = io.join_uri(root, "videos.parquet")
     io.write_table(sample_rows(schemas.VIDEOS), uri, schemas.VIDEOS)
