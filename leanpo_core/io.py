@@ -232,7 +232,7 @@ def _leaf_paths(schema: pa.Schema) -> list[str]:
 
 def write_table(data: pa.Table | Iterable[Mapping], uri: str, spec: schemas.TableSpec,
                 options: StorageOptions | None = None) -> Manifest:
-    """Conform `data` to `spec`, store it as zstd Parquet at `uri` atomically, then its manifest; return the manifest."""
+    """Conform `data` to `spec`, store it as Parquet (zstd) at `uri` atomically, then its manifest; return it."""
     table = schemas.conform(data, spec)
     table_rows = table.num_rows
     sink = pa.BufferOutputStream()

@@ -5,8 +5,8 @@ Every writer and reader goes through `conform` (rows or a table in, a schema-exa
 preference-data names (`prompt`, `chosen`, `rejected`) so other trainers can read the pairs table as it is.
 
 Frames are stored once, by the frames stage, as raw RGB bytes: `frames` holds a C-ordered uint8 array of shape
-`frames_shape` = (T, H, W, 3), zstd-compressed by Parquet. Raw pixels are lossless and decode with one
-`numpy.frombuffer`, so no later stage ever decodes video again.
+`frames_shape` = (T, H, W, 3), zstd-compressed by Parquet where that pays (`io.write_table`). Raw pixels are
+lossless and decode with one `numpy.frombuffer`, so no later stage ever decodes video again.
 """
 
 from __future__ import annotations
