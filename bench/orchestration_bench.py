@@ -66,6 +66,7 @@ def run_direct(manifest: str, root: str, model: str) -> dict[str, float]:
         path.write_text(cfg[name].model_dump_json())
         return str(path)
 
+    server_cpu, own_cpu = _server_cpu(), time.process_time()
     start = time.perf_counter()
     rows = [r for r in read_videos(manifest) if r.get("split") in ("train", None)]
     write_videos(rows, layout.videos)
@@ -82,6 +83,7 @@ def run_direct(manifest: str, root: str, model: str) -> dict[str, float]:
     start = time.perf_counter()
     run_pairs(layout.videos, layout.frames, layout.scored, layout.pairs, cfg["pairs"])
     times["pairs"] = time.perf_counter() - start
+    times["own CPU"], times["server CPU"] = time.process_time() - own_cpu, _server_cpu() - server_cpu
     shutil.rmtree(work)
     return times
 
@@ -94,10 +96,12 @@ def run_flow(manifest: str, root: str, model: str) -> dict[str, float]:
     from flows.data_refresh import data_refresh
 
     cfg = configs(model)
+    server_cpu, own_cpu = _server_cpu(), time.process_time()
     start = time.perf_counter()
     state = data_refresh(manifest=manifest, root=root, sample=cfg["sample"], frames=cfg["frames"],
                          reflect=cfg["reflect"], pairs=cfg["pairs"], return_state=True)
     wall = time.perf_counter() - start
+    own_cpu, server_cpu = time.process_time() - own_cpu, _server_cpu() - server_cpu
     if not state.is_completed():
         raise RuntimeError(f"data-refresh ended {state.name}: {state.message}")
     flow_run_id = state.state_details.flow_run_id
@@ -105,20 +109,37 @@ def run_flow(manifest: str, root: str, model: str) -> dict[str, float]:
         flow_run = client.read_flow_run(flow_run_id)
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     runs = sorted(runs, key=lambda r: r.end_time)
-    ends = {}
+    ends, inside = {}, {}
     for run in runs:
         name = run.task_key.split(".")[-1] if run.name.split("-")[0] not in STAGES else run.name.split("-")[0]
         if run.state_name == "Cached":
             print(f"warning: task {run.name} was cached", flush=True)
-        ends[name] = run.end_time
+        ends[name], inside[name] = run.end_time, (run.end_time - run.start_time).total_seconds()
     times, previous = {}, flow_run.start_time
     for stage in STAGES:
         times[stage] = (ends[stage] - previous).total_seconds()
+        times[f"{stage} in task"] = inside[stage]
         previous = ends[stage]
     times["tail (event, report)"] = (flow_run.end_time - previous).total_seconds()
     times["call wall"] = wall
     times["flow run"] = (flow_run.end_time - flow_run.start_time).total_seconds()
+    times["own CPU"], times["server CPU"] = own_cpu, server_cpu
     return times
+
+
+def _server_cpu() -> float:
+    """CPU seconds used so far by this process's living descendants (the temporary Prefect server; stage children
+    have exited by the time this is read)."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cpu = child.cpu_times()
+            total += cpu.user + cpu.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def spread(runs: list[dict], key: str) -> float:
@@ -164,23 +185,29 @@ def main(argv: list[str] | None = None) -> str:
         noise = max(spread(runs["direct"], stage), spread(runs["flow"], stage))
         verdict = "met" if overhead < 2 else ("not resolved (noise)" if overhead < 2 + noise else "missed")
         rows.append([stage, f"{med['direct'][stage]:.2f}", f"{med['flow'][stage]:.2f}", f"**{overhead:+.2f}**",
-                     f"{noise:.2f}", verdict])
+                     f"{noise:.2f}", verdict, f"{med['flow'][f'{stage} in task']:.2f}"])
     tail = med["flow"]["tail (event, report)"]
     rows.append(["tail: announce event + report", "-", f"{tail:.2f}", f"**{tail:+.2f}**",
-                 f"{spread(runs['flow'], 'tail (event, report)'):.2f}", "met" if tail < 2 else "missed"])
+                 f"{spread(runs['flow'], 'tail (event, report)'):.2f}", "met" if tail < 2 else "missed", "-"])
     direct_total = sum(med["direct"][s] for s in STAGES)
     rows.append(["whole run (call to return)", f"{direct_total:.2f}", f"{med['flow']['call wall']:.2f}",
-                 f"{med['flow']['call wall'] - direct_total:+.2f}", "-", "-"])
+                 f"{med['flow']['call wall'] - direct_total:+.2f}", "-", "-", "-"])
     body = [f"{args.videos} synthetic clips, toy Qwen2-VL, transformers backend; "
             f"{common.versions('prefect', 'torch')}; temporary local Prefect server (SQLite); {args.rounds} timed "
-            "round(s) of each side after one untimed run each, alternating; medians, seconds. Shared machine: "
-            "other jobs ran on the same 2 cores, and the sample/reflect stages start a model-loading child each, so "
-            "their direct times vary by seconds from run to run.", "",
-            *common.table(["stage", "direct s", "flow slot s", "overhead s", "run-to-run spread s", "< 2 s"], rows),
+            "round(s) of each side after one untimed run each, alternating; medians, seconds. The sample/reflect "
+            "stages start a model-loading child each, so their direct times vary by seconds from run to run (more "
+            "when the load average above exceeds the core count: other jobs shared the cores).", "",
+            *common.table(["stage", "direct s", "flow slot s", "overhead s", "run-to-run spread s", "< 2 s",
+                           "flow: inside the task run s"], rows),
             "", "Spread: the larger of max - min over the rounds of either side; an overhead above 2 s but within "
             "2 s + spread is reported as not resolved.", "",
             f"Untimed first flow run (temporary server start included): {cold['flow']['call wall']:.1f} s from call "
-            f"to return, vs {sum(cold['direct'][s] for s in STAGES):.1f} s direct.", ""]
+            f"to return, vs {sum(cold['direct'][s] for s in STAGES):.1f} s direct.", "",
+            "CPU seconds per run besides the stage children (medians): the calling process "
+            f"{med['direct']['own CPU']:.1f} direct, {med['flow']['own CPU']:.1f} flow (Prefect's client, task "
+            f"engine, log and event shipping); the temporary Prefect server (its own process on the same cores) "
+            f"{med['direct']['server CPU']:.1f} during a direct run (idle), {med['flow']['server CPU']:.1f} during a "
+            "flow run.", ""]
     text = common.write_result("orchestration", "Orchestration overhead: Prefect data-refresh flow vs direct calls",
                                common.command_line("orchestration_bench.py", argv), body)
     print(text)

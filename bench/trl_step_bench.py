@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> str:
             f"{args.warmup} warm-up + {args.steps} timed steps each; medians. Peak = VmHWM above the RSS just "
             "before the first step (TRL DPO's reference model is loaded by then, so it is not in the delta; "
             "gradients and AdamW state are). CPU time = the child's process time per step: with one torch thread, "
-            "what the step costs, far less disturbed than wall time by other jobs on the cores. Shared machine: "
-            "other jobs ran on the same 2 cores; read the CPU-time ratios.", "",
+            "what the step costs, far less disturbed than wall time by other jobs on the cores: with a load "
+            "average above the core count, other jobs shared the cores, so read the CPU-time ratios.", "",
             *common.table(["prompt + response tokens", "leanpo ms", "TRL DPO ms", "TRL SimPO ms", "leanpo / DPO",
                            "leanpo / SimPO", "leanpo CPU ms", "DPO CPU ms", "SimPO CPU ms", "leanpo / DPO (CPU)",
                            "leanpo / SimPO (CPU)", "leanpo peak MiB", "DPO peak MiB", "SimPO peak MiB",

@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> str:
             f"{args.rounds} round(s) in alternating order, {args.warmup} warm-up + {args.steps} timed steps each; "
             "medians. CPU time = the child's process time per step (with one torch thread it is what the step "
             "costs, much less disturbed than wall time when other jobs share the cores). Peak = VmHWM above the RSS "
-            "just before the first step (gradients and AdamW state included, the same on both sides). Shared "
-            "machine: other jobs ran on the same 2 cores, ratios are the figure to read.", "",
+            "just before the first step (gradients and AdamW state included, the same on both sides). With a load "
+            "average above the core count, other jobs shared the cores: read the CPU-time ratios.", "",
             *common.table(["frames", "tokens per sequence", "naive step ms", "lean step ms", "speed-up (wall)",
                            "naive CPU ms", "lean CPU ms", "speed-up (CPU time)",
                            "naive peak MiB", "lean peak MiB", "lean / naive memory", "first-loss gap"], rows), ""]

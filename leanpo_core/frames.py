@@ -220,7 +220,8 @@ def _decode_indexed(path: str, order: list[int], keyframes: set[int], indices: l
     """(indices, frames, times) of the sampled frames by seeks and skips, or None when one of them was not found.
 
     `order`: every packet's pts in presentation order; `keyframes`: pts of the keyframes to seek to (none: decode
-    from the start). Frames convert on a pool of their own, so decoding and conversion overlap.
+    from the start). Frames convert on a pool of their own, so decoding and conversion overlap, straight into the
+    allocated array (no second copy of the video's frames is ever held).
     """
     import av
 
@@ -229,17 +230,19 @@ def _decode_indexed(path: str, order: list[int], keyframes: set[int], indices: l
     threads = max(1, _DECODE_THREADS // len(groups))  # one group (one GOP): the decoder's own frame threads
     found: dict[int, tuple[Future, float | None]] = {}
     slots = threading.BoundedSemaphore(4 * _DECODE_THREADS)  # decoded frames waiting for conversion, at most
+    rows = {index: row for row, index in enumerate(indices)}
+    frames = allocate((len(indices), size[1], size[0], 3))
 
-    def convert(frame) -> np.ndarray:
+    def convert(frame, index: int) -> None:
         try:
-            return _to_rgb(frame, size)
+            frames[rows[index]] = _to_rgb(frame, size)
         finally:
             slots.release()
 
     with ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="pyav-rgb") as converter:
-        def submit(frame) -> Future:
+        def submit(frame, index: int) -> Future:
             slots.acquire()
-            return converter.submit(convert, frame)
+            return converter.submit(convert, frame, index)
 
         try:
             with ThreadPoolExecutor(len(groups), thread_name_prefix="pyav-group") as pool:
@@ -249,9 +252,8 @@ def _decode_indexed(path: str, order: list[int], keyframes: set[int], indices: l
             return None  # a seek or read the container refused: the sequential decode says what is wrong, if anything
         if len(found) != len(set(indices)):
             return None
-        frames = allocate((len(indices), size[1], size[0], 3))
-        for row, index in enumerate(indices):
-            frames[row] = found[index][0].result()
+        for converted, _ in found.values():
+            converted.result()  # raises what a conversion raised
         return list(indices), frames, [found[i][1] for i in indices]
 
 
@@ -277,7 +279,7 @@ def _gop_groups(indices: list[int], keys: list[int], parts: int) -> list[list[in
 
 def _decode_group(path: str, order: list[int], keys: list[int], targets: list[int], submit, threads: int,
                   config: FramesConfig) -> dict[int, tuple[Future, float | None]]:
-    """{index: (converted frame, time)} of `targets` (sorted presentation indices), on a demuxer of its own."""
+    """{index: (its conversion, time)} of `targets` (sorted presentation indices), on a demuxer of its own."""
     import av
 
     wanted = {order[i]: i for i in targets}
@@ -311,7 +313,7 @@ def _decode_group(path: str, order: list[int], keys: list[int], targets: list[in
                     _check_size(frame.width, frame.height, config)  # an SPS mid-stream may declare another size
                     index = wanted.get(frame.pts)
                     if index is not None and index not in found:
-                        found[index] = (submit(frame), frame.time)
+                        found[index] = (submit(frame, index), frame.time)
                 while next_target < len(targets) and targets[next_target] in found:
                     next_target, advanced = next_target + 1, True
                 if next_target == len(targets):
