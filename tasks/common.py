@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect.artifacts import (create_link_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.cache_policies import CachePolicy
+from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
 from leanpo_core import io, schemas
@@ -109,6 +111,29 @@ class ContentKey(CachePolicy):
         payload = {"task": task_ctx.task.task_key, "code": CODE_VERSION, "files": hashes,
                    "inputs": {name: _canonical(value) for name, value in sorted(inputs.items())}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+GPU_LIMIT = "gpu"
+
+
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold one slot of the `gpu` global concurrency limit while a task holds a model, if an operator created that
+    limit (`prefect gcl create gpu --limit 1`, docs/operations.md); without it, nothing is acquired. Prefect's own
+    `concurrency(strict=False)` reaches the same outcome only after a lease request that writes to the server: on
+    the temporary SQLite server it took 1.7-2.3 s in most task runs (bench/README.md, orchestration); this check is
+    one read."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    except ObjectNotFound:
+        yield
+        return
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        yield
 
 
 class Progress:

@@ -16,14 +16,13 @@ import math
 import tempfile
 
 from prefect import get_run_logger, task
-from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
 
 from leanpo_core import io, schemas
 from leanpo_core.config import FramesConfig, PairsConfig, ReflectConfig, SampleConfig, StageConfig
 from leanpo_core.launch import run_module
 from leanpo_core.layout import RunLayout
-from tasks.common import RETRIES, ContentKey, Progress, publish_table, write_config
+from tasks.common import RETRIES, ContentKey, Progress, gpu_slot, publish_table, write_config
 
 PAIRS_PUBLISHED = "leanpo.pairs.published"
 
@@ -70,7 +69,7 @@ def sample(root: str, config: SampleConfig, videos: dict, frames: dict, timeout_
     shards = max(1, math.ceil(videos["rows"] / config.shard_size))
     progress = Progress("sample-progress", f"Sampling {videos['rows']} questions in {shards} shard(s) with "
                         f"`{config.model}`")
-    with concurrency("gpu", occupy=1, strict=False), \
+    with gpu_slot(), \
             progress.poll(lambda: len(io.shard_uris(layout.samples)) / shards):
         _run_stage("leanpo_core.sample", config, ["--root", root, "--no-progress"], timeout_s)
     manifest = io.dataset_manifest(layout.samples, schemas.SAMPLES)
@@ -81,7 +80,7 @@ def sample(root: str, config: SampleConfig, videos: dict, frames: dict, timeout_
 @task(name="reflect", cache_policy=ContentKey(), **RETRIES)
 def reflect(root: str, config: ReflectConfig, model: str, samples: dict, timeout_s: float | None = None) -> dict:
     """Score every candidate: self-judgement, token F1 against the answer, SFT mean log-prob; rank per side."""
-    with concurrency("gpu", occupy=1, strict=False):
+    with gpu_slot():
         _run_stage("leanpo_core.reflect", config, ["--model", model, "--root", root], timeout_s)
     layout = RunLayout(root)
     manifest = io.dataset_manifest(layout.scored, schemas.SCORED)

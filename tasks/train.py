@@ -20,13 +20,12 @@ from typing import Literal
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
 from leanpo_core import io, launch, schemas
 from leanpo_core.config import EvaluateConfig, TrainConfig
 from leanpo_core.layout import RunLayout
-from tasks.common import RETRIES, ContentKey, Progress, link, publish_table, transient_only, write_config
+from tasks.common import RETRIES, ContentKey, Progress, gpu_slot, link, publish_table, transient_only, write_config
 
 Launcher = Literal["auto", "python", "torchrun", "deepspeed"]
 # One retry, after a minute: a lost rank or a killed host resumes from its checkpoint; a crash does not recur.
@@ -76,7 +75,7 @@ def train(config: TrainConfig, pairs: dict, frames: dict, output_dir: str, run_i
                 "--out", output_dir, "--run-id", run_id]
         command = _command(args, nproc_per_node, launcher)
         logger.info(f"launching: {' '.join(command)}")
-        with concurrency("gpu", occupy=1, strict=False):
+        with gpu_slot():
             launch.run(command, timeout_s=config.wall_clock_limit_s, log=log)
     progress.update(1.0, force=True)
     metrics = io.read_manifest(io.join_uri(output_dir, "metrics.parquet"))
@@ -128,7 +127,7 @@ def evaluate(trained: dict, config: EvaluateConfig, videos: dict, frames: dict, 
                 "--frames", frames["uri"], "--out", out, "--run-id", run_id]
         args += ["--pairs", pairs["uri"]] if pairs else []
         args += ["--baseline", baseline] if baseline else []
-        with concurrency("gpu", occupy=1, strict=False):
+        with gpu_slot():
             launch.run_module("leanpo_core.evaluate", args, timeout_s=timeout_s, log=logger.info)
     manifest = io.read_manifest(out)
     publish_table(manifest, schemas.EVALUATION)

@@ -193,3 +193,37 @@ def test_bad_config_fails_before_any_work(parameters, tmp_path):
     with pytest.raises(ParameterTypeError, match=r"sample\.num_candidates"):
         pipeline(**bad)
     assert not (tmp_path / "never").exists()
+
+
+def test_gpu_slot_takes_turns_only_under_a_gpu_limit():
+    """Two tasks that hold a model run side by side when no `gpu` limit exists (nothing is acquired) and take turns
+    once an operator creates it (`prefect gcl create gpu --limit 1`)."""
+    from prefect import flow, task
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from tasks.common import GPU_LIMIT, gpu_slot
+
+    @task
+    def hold(i: int) -> tuple[float, float]:
+        with gpu_slot():
+            start = time.monotonic()
+            time.sleep(1.5)
+            return start, time.monotonic()
+
+    @flow
+    def two() -> list[tuple[float, float]]:
+        futures = [hold.submit(i) for i in range(2)]
+        return [future.result() for future in futures]
+
+    def overlap(spans: list[tuple[float, float]]) -> bool:
+        (_, first_end), (second_start, _) = sorted(spans)
+        return second_start < first_end
+
+    assert overlap(two())
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+    try:
+        assert not overlap(two())
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
