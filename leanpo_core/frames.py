@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
@@ -49,6 +49,9 @@ from fsspec.implementations.local import LocalFileSystem
 from leanpo_core import io, schemas
 from leanpo_core.config import ConfigError, FramesConfig
 from leanpo_core.layout import add_table_arguments, table_arguments
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _WORKER_START_TIMEOUT_S = 120.0  # a cold start imports numpy, pyarrow, av and decord
