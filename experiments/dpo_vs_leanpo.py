@@ -1,6 +1,6 @@
 """DPO vs LeanPO at toy scale: does LeanPO keep the chosen response's likelihood up where DPO lets it fall?
 
-The paper's central claim (METHOD.md section 4) checked end to end on CPU with the project's own stages:
+The paper's central claim (docs/method.md section 6) checked end to end on CPU with the project's own stages:
   1. setup     a tiny Qwen2-VL-shaped model (leanpo_core.toy, random weights) and the synthetic video-QA set
                (leanpo_core.synthetic: disjoint train/validation/test clips, one-word exact answers), validated into
                the videos table; frames stage over every clip.
@@ -13,8 +13,9 @@ The paper's central claim (METHOD.md section 4) checked end to end on CPU with t
                off), chosen = best winning-side, rejected = worst losing-side, kept when F1 differs by 0.5 and the SFT
                model's rbar agrees (trust filter); on the training questions (for training) and the test questions
                (held-out pairs). `--candidates 1 --min-score-margin -1` is the paper's exact construction.
-  4. train     `dpo` (frozen reference, beta 0.1) and `leanpo` (METHOD.md defaults: beta 2, gamma 0.5, eps 0.1, d 0,
-               lambda_sft 0.5) from the SFT model on the same kept training pairs: same seed, steps, batch and lr.
+  4. train     `dpo` (frozen reference, beta 0.1) and `leanpo` (docs/method.md section 4 defaults: beta 2,
+               gamma 0.5, eps 0.1, d 0, lambda_sft 0.5) from the SFT model on the same kept training pairs: same
+               seed, steps, batch and lr.
   5. evaluate  leanpo_core.evaluate on the test split for both, with the SFT model as the baseline: held-out
                preference accuracy, greedy answer accuracy through vLLM, mean log-prob of the true answers and its
                change from SFT.
@@ -473,7 +474,7 @@ def report(run: Run, command: str) -> str:
              f"- Preference training, both objectives: lr {cfg['learning_rate']}, {cfg['epochs']} epoch(s), batch "
              f"{cfg['per_device_batch_size']}, linear schedule with warm-up 0.1, seed {cfg['seed']}, vision frozen; "
              f"{steps['dpo']} / {steps['leanpo']} optimiser steps (dpo / leanpo). DPO: beta 0.1, frozen reference. "
-             "LeanPO: beta 2.0, gamma 0.5, eps 0.1, d 0, lambda_sft 0.5 (METHOD.md defaults).", "",
+             "LeanPO: beta 2.0, gamma 0.5, eps 0.1, d 0, lambda_sft 0.5 (docs/method.md section 4 defaults).", "",
              "## Results (test split, held out)", "",
              "| metric | SFT | DPO | LeanPO |", "|---|---|---|---|"]
     labels = {"preference_accuracy": "preference accuracy (held-out self-generated pairs)",

@@ -3,7 +3,7 @@
     leanpo run pipeline --config pipeline.yaml    # parameters below as YAML/JSON; or the pipeline deployment
 
 Round r works under `<root>/round-r`. Round 0 samples with `sample.model` and trains `train.model` (normally the
-same SFT model); every later round samples with, scores with and trains the newest model (METHOD.md section 3's
+same SFT model); every later round samples with, scores with and trains the newest model (docs/method.md section 5.6's
 iterative self-improvement). Held-out questions for evaluation come from the same manifest (`evaluate.split`).
 """
 

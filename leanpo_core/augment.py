@@ -1,4 +1,4 @@
-"""The lean augmented view A(V) of the losing side (METHOD.md section 3).
+"""The lean augmented view A(V) of the losing side (docs/method.md section 5.3).
 
 One random augmentation is drawn once per (video, candidate, seed) and applied identically to every frame:
 RandomResizedCrop (area scale `aug_crop_scale_min..max`, aspect 3/4..4/3, resized back to the frame size),

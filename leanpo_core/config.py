@@ -2,7 +2,7 @@
 
 Flat fields with descriptions become the Prefect UI's run form; validation happens on construction, so a bad
 config fails before any work starts, with a message naming the field. `config_hash` is what provenance columns
-and caches key on. Defaults are METHOD.md's (marked DEFAULT there).
+and caches key on. Defaults are those of docs/method.md (section 4 and 5).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class FramesConfig(StageConfig):
 
 
 class SampleConfig(StageConfig):
-    """Prior-knowledge-infused sampling (METHOD.md section 3)."""
+    """Prior-knowledge-infused sampling (docs/method.md section 5)."""
 
     model: str = Field(..., min_length=1, description="Generator (the frozen SFT model): local folder or hub id.")
     model_revision: str = Field("", description="Recorded in provenance columns; defaults to the folder's hash.")
@@ -135,7 +135,7 @@ class PairsConfig(StageConfig):
 
 
 class TrainConfig(StageConfig):
-    """LeanPO training (METHOD.md section 2) and its baselines."""
+    """LeanPO training (docs/method.md section 2) and its baselines."""
 
     model: str = Field(..., min_length=1, description="Policy to train: local folder or hub id.")
     objective: Literal["leanpo", "simpo", "dpo", "sft"] = Field("leanpo", description="Loss to optimise.")

@@ -9,7 +9,7 @@ For a trained `model` (and, optionally, a `baseline` such as the SFT model it st
   answer_f1            the same for every other source, scored by SQuAD token F1 (free-form answers);
   answer_logp          mean over those questions of rbar(ground-truth answer) under the model;
   answer_logp_change   (with a baseline) the mean of rbar_model(answer) - rbar_baseline(answer) over the same
-                       answers: positive means the model made the true answers more likely (METHOD.md section 1's
+                       answers: positive means the model made the true answers more likely (docs/method.md section 1's
                        likelihood-displacement question, asked on held-out data).
 rbar is the mean token log-prob of a response given the clean frames and the plain question, end-of-reply token
 included, computed on the lean path (`logps.model_response_logps`, response-only logits, fp32) exactly as the

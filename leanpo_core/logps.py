@@ -1,7 +1,7 @@
 """Response-only log-probabilities: logits exist only at response positions, optionally one vocabulary chunk at a time.
 
 A video prompt holds thousands of tokens; full-vocabulary logits over it cost gigabytes and are thrown away, since
-the reward and the SFT term only read response tokens (METHOD.md section 5). Here the language model's last hidden
+the reward and the SFT term only read response tokens (docs/method.md section 7). Here the language model's last hidden
 states are gathered at the positions that predict response tokens, and only those rows meet the output projection.
 With `chunk_size > 0` even those logits are never held whole: a custom autograd function streams the vocabulary in
 chunks forward (running log-sum-exp) and recomputes each chunk in backward, so memory is O(N * chunk) not O(N * V).

@@ -1,6 +1,6 @@
 """Preference objectives as pure functions over per-sequence log-prob sums and token counts.
 
-LeanPO (Wang et al. 2025, arXiv:2506.05260; METHOD.md section 2), with its baselines SimPO (Meng et al. 2024,
+LeanPO (Wang et al. 2025, arXiv:2506.05260; docs/method.md section 2), with its baselines SimPO (Meng et al. 2024,
 arXiv:2405.14734) and DPO (Rafailov et al. 2023, arXiv:2305.18290). Each takes tensors of shape (B,) for B pairs and
 returns a `LossOutput`: the scalar to back-propagate, per-pair losses, chosen and rejected rewards, and the
 statistics named as TRL names them (so dashboards built for TRL work) plus LeanPO's own.

@@ -5,9 +5,9 @@ losing-side candidate (the highest rank of side "lose"). The pair is kept unless
   no_win_candidate / no_lose_candidate   a side has no scored candidate;
   score_margin    score(chosen) - score(rejected) < min_score_margin (only when min_score_margin is set);
   untrustworthy   trust_filter is on and rbar_SFT(chosen) - rbar_SFT(rejected) <= min_trust_gap.
-With K = 1 and the default config this is the paper's construction exactly (METHOD.md section 3): chosen = y_w (the
-reflection output), rejected = y_l (the lean-view reply), kept iff rbar_SFT(y_w) > rbar_SFT(y_l); with one candidate
-per side the ranking picks nothing, so judge and F1 cannot change the pair.
+With K = 1 and the default config this is the paper's construction exactly (docs/method.md section 5.5):
+chosen = y_w (the reflection output), rejected = y_l (the lean-view reply), kept iff rbar_SFT(y_w) > rbar_SFT(y_l);
+with one candidate per side the ranking picks nothing, so judge and F1 cannot change the pair.
 
 The table uses TRL's column names (prompt = the plain question, chosen, rejected); both sides point at the clean
 frames the trainer uses (the frames shard `frames_uri`, `*_frame_indices`), whichever view a side was sampled from.

@@ -1,4 +1,4 @@
-"""The texts the model is asked (METHOD.md section 3) and the parser of its self-rating.
+"""The texts the model is asked (docs/method.md section 5) and the parser of its self-rating.
 
 Values are inserted with `str.format` on fixed templates, so braces or template-like text inside a question or an
 answer are inserted literally and never interpreted. The chat wrapping and the video placeholder are the model

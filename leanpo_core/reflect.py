@@ -1,6 +1,6 @@
 """Reflect (scoring): every sampled candidate gets a self-judgement, a prior-agreement F1 and an SFT likelihood.
 
-METHOD.md section 3, generalised to K candidates per side. For each candidate y of question q on video V with
+docs/method.md section 5.5, generalised to K candidates per side. For each candidate y of question q on video V with
 ground-truth answer a:
   judge   the same model rates y against a and the clean frames (prompts.judge_prompt, greedy), parsed to [0, 1];
           an unparsable reply is kept as `judge_raw` with status "unparsable" and never stops the stage;

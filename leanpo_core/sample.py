@@ -1,6 +1,6 @@
 """Sample: K winning and K losing candidates per question, each with its generation-time mean token log-prob.
 
-METHOD.md section 3, generalised to K = `num_candidates` per side:
+docs/method.md section 5, generalised to K = `num_candidates` per side:
   win   hint turn: prompts.hint_prompt(question, answer) on the clean frames (win_temperature, win_top_p); then, with
         `reflection`, a reflection turn: prompts.reflection_prompt(question, answer, hint reply i) on the same frames,
         whose reply is y_w (candidate i's `hint_response` keeps the hint reply, `response` the reflected one);

@@ -2,8 +2,8 @@
 
 Reads the kept rows of the pairs table and the frames the sampling stage used (never re-sampled), and trains with a
 `transformers.Trainer` subclass (not TRL). A pair's video goes through the vision tower ONCE and its features serve
-both the chosen and the rejected sequence; logits exist only at response positions (METHOD.md section 5).
-Objectives: `leanpo` (default, METHOD.md section 2), `simpo`, `dpo` (frozen reference copy) and `sft` (the CE term
+both the chosen and the rejected sequence; logits exist only at response positions (docs/method.md section 7).
+Objectives: `leanpo` (default, docs/method.md section 2), `simpo`, `dpo` (frozen reference copy) and `sft` (the CE term
 on chosen responses alone). Writes `<out>/metrics.parquet` (table train_metrics), `<out>/metrics.png`, TensorBoard
 events under `<out>/runs`, checkpoints `<out>/checkpoint-N` and the exported model `<out>/model` (safetensors).
 

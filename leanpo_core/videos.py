@@ -1,9 +1,10 @@
 """Videos: a video-QA manifest becomes the validated `videos` table, the pipeline's input.
 
-Reads CSV, JSONL or Parquet manifests with columns id, video, question, answer (the ground truth, METHOD.md's prior
-knowledge) and optional split, source, from a local path or s3://. Also reads LLaVA-Hound's `sft_dpo_17k.jsonl`
-unchanged: fields id, video (a folder of extracted frames, resolved against `video_root`), prompt (-> question,
-its `<video>` placeholder removed: the model adapter places the video itself), answer, chosen, rejected.
+Reads CSV, JSONL or Parquet manifests with columns id, video, question, answer (the ground truth, the prior
+knowledge of docs/method.md section 5.1) and optional split, source, from a local path or s3://. Also reads
+LLaVA-Hound's `sft_dpo_17k.jsonl` unchanged: fields id, video (a folder of extracted frames, resolved against
+`video_root`), prompt (-> question, its `<video>` placeholder removed: the model adapter places the video itself),
+answer, chosen, rejected.
 
 Every problem is reported at once, each naming its row and column: missing columns, wrong types, duplicate ids,
 empty question or answer, text that is not UTF-8, chat-control tokens in text (`<|im_end|>`, `<video>`, ...: see

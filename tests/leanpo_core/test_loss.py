@@ -1,4 +1,4 @@
-"""Hand-worked checks of the objectives in leanpo_core.loss (METHOD.md section 2).
+"""Hand-worked checks of the objectives in leanpo_core.loss (docs/method.md section 2).
 
 The shared batch (two pairs), used throughout:
     pair 1: chosen  logp sum -2.0 over 4 tokens -> rbar_w = -0.5
