@@ -1,4 +1,4 @@
-"""Intervals for accuracies measured on a finite set of questions, and for the change between two models on the same set.
+"""Intervals for accuracies measured on a finite set of questions, and for the change of two models on the same set.
 
 Every accuracy the project reports comes with its n and a 95% interval, so a reader can tell a gain from noise:
   wilson_interval        one proportion k/n (Wilson score interval: well behaved at 0, 1 and small n);

@@ -36,6 +36,14 @@ DIRECTIONS = ("left", "right", "up", "down")
 assert set(PALETTE) <= set(_COLOURS) and set(SHAPES) <= set(_SHAPES) and set(DIRECTIONS) <= set(_MOTIONS)
 
 SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
+# The toy world's four disjoint splits (leanpo_core.toyworld): what the SFT model saw, the clips whose questions feed
+# the preference rounds, validation, and a test split nothing is tuned on.
+WORLD_SPLITS = (("sft", 0.35), ("train", 0.3), ("validation", 0.1), ("test", 0.25))
+# The answers an imbalanced split over-represents (`skew`): a language prior a model can learn instead of looking.
+PRIOR = {"colour": "red", "shape": "circle", "direction": "left", "count": 1}
+# Question types, named by how each question opens, and the answers each type can have.
+QUESTION_TYPES = (("colour", ("What colour",)), ("direction", ("Which direction",)), ("shape", ("What shape",)),
+                  ("count", ("How many",)))
 _ROWS, _COLS = HEIGHT // CELL, WIDTH // CELL
 
 
@@ -135,33 +143,75 @@ def write_clip(frames: np.ndarray, path: Path) -> Path:
     return path
 
 
-def split_of(num: int, seed: int) -> list[str]:
-    """The split of each clip: a seeded shuffle cut 80/10/10 (each split non-empty from 3 clips on)."""
+def question_type(question: str) -> str:
+    """The type of a synthetic question ("colour", "direction", "shape", "count"); "other" for any other text."""
+    for kind, openings in QUESTION_TYPES:
+        if question.startswith(openings):
+            return kind
+    return "other"
+
+
+def answer_options() -> dict[str, list[str]]:
+    """Every answer each question type can have."""
+    return {"colour": list(PALETTE), "direction": list(DIRECTIONS), "shape": list(SHAPES),
+            "count": ["1", "2", "3", "4"]}
+
+
+def split_of(num: int, seed: int, splits: tuple[tuple[str, float], ...] = SPLITS) -> list[str]:
+    """The split of each clip: a seeded shuffle cut in the shares of `splits`, the first split taking the rest
+    (default 80/10/10 train/validation/test; every other split non-empty from len(splits) clips on)."""
     order = np.random.default_rng([seed, 2**31]).permutation(num)
-    n_val = max(1, round(num * SPLITS[1][1])) if num >= 3 else 0
-    n_test = max(1, round(num * SPLITS[2][1])) if num >= 3 else 0
-    splits = [""] * num
+    sizes = [max(1, round(num * share)) if num >= len(splits) else 0 for _, share in splits[1:]]
+    names = [""] * num
+    bounds = np.cumsum(sizes)
     for rank, clip in enumerate(order):
-        splits[clip] = "validation" if rank < n_val else "test" if rank < n_val + n_test else "train"
-    return splits
+        later = int(np.searchsorted(bounds, rank, side="right"))
+        names[clip] = splits[1 + later][0] if later < len(sizes) else splits[0][0]
+    return names
 
 
-def generate(out_dir: str | Path, num: int = 120, seed: int = 0, questions_per_clip: int = 2) -> Path:
+def skewed_params(rng: np.random.Generator, share: float) -> dict:
+    """A scene whose attributes each take their PRIOR value with probability `share` (+ the uniform chance): every
+    attribute is picked to be "preferred" independently, then scenes are drawn until the preferred ones match."""
+    preferred = [name for name in PRIOR if rng.random() < share]
+    while True:
+        params = draw_params(rng)
+        if all(params[name] == PRIOR[name] for name in preferred if name in params):
+            return params
+
+
+def scene(seed: int, index: int, questions_per_clip: int = 2,
+          skew: float = 0.0) -> tuple[dict, list[tuple[int, str, str, str]]]:
+    """Clip `index` of the set drawn with `seed`: (params, [(question number, question, answer, sentence), ...]).
+    skew > 0 draws the scene with `skewed_params` from a stream of its own (skew 0 keeps the plain draw)."""
+    rng = np.random.default_rng([seed, index])
+    params = draw_params(rng)
+    if skew > 0:
+        params = skewed_params(np.random.default_rng([seed, index, 1]), skew)
+    asked = questions(params)
+    chosen = sorted(rng.choice(len(asked), min(questions_per_clip, len(asked)), replace=False))
+    return params, [(int(q), *asked[q]) for q in chosen]
+
+
+def generate(out_dir: str | Path, num: int = 120, seed: int = 0, questions_per_clip: int = 2,
+             splits: tuple[tuple[str, float], ...] = SPLITS, only: tuple[str, ...] | None = None,
+             skew: dict[str, float] | None = None) -> Path:
     """Write `num` clips under out_dir/clips and out_dir/manifest.jsonl (videos layout, relative paths); returns it.
 
     Manifest rows: id, video, question, answer (one word), split, source, plus answer_long (a sentence) and
-    params (what was drawn).
+    params (what was drawn). `only`: write the clips and rows of these splits alone (the others are still drawn,
+    so every clip is the same as in the full set). `skew`: {split: share} draws that split's scenes with
+    `skewed_params` (an imbalanced split); the others stay uniform.
     """
     out = Path(out_dir)
     rows = []
-    for index, split in enumerate(split_of(num, seed)):
-        rng = np.random.default_rng([seed, index])
-        params = draw_params(rng)
+    for index, split in enumerate(split_of(num, seed, splits)):
+        if only is not None and split not in only:
+            continue
+        params, asked = scene(seed, index, questions_per_clip, (skew or {}).get(split, 0.0))
         video = f"clips/clip_{index:04d}.mp4"
         write_clip(render_clip(params), out / video)
-        asked = questions(params)
-        for q in sorted(rng.choice(len(asked), min(questions_per_clip, len(asked)), replace=False)):
-            question, answer, sentence = asked[q]
+        for q, question, answer, sentence in asked:
             rows.append({"id": f"syn{seed}-{index:04d}-{q}", "video": video, "question": question, "answer": answer,
                          "split": split, "source": "synthetic", "answer_long": sentence, "params": params})
     manifest = out / "manifest.jsonl"

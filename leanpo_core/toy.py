@@ -21,6 +21,11 @@ import numpy as np
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_next_video", "llava_onevision")
 HIDDEN, HEADS, LAYERS, VOCAB_TARGET = 64, 2, 2, 1536
+# "tiny": every family, the smallest model vLLM loads (tests, plumbing). "world" (Qwen families): the toy world's
+# model (leanpo_core.toyworld), wider and deeper, with a pixel budget of 112x84 per frame so that each merged video
+# token covers exactly one 24-px cell of the 96x72 synthetic clips (4x3 tokens per temporal patch).
+SIZES = {"tiny": {"hidden": HIDDEN, "heads": HEADS, "layers": LAYERS, "pixels": (28 * 28, 56 * 56)},
+         "world": {"hidden": 128, "heads": 4, "layers": 4, "pixels": (112 * 84, 112 * 84)}}
 
 _SHAPES = "circle square triangle star ball box ring dot cube disc diamond heart cross arrow line".split()
 _COLOURS = "red green blue yellow orange purple pink white black grey brown cyan magenta gold silver".split()
@@ -147,30 +152,33 @@ def build_tokenizer(kind: str, seed: int = 0):
     return fast
 
 
-def _qwen_parts(family: str, tok):
-    """(model config, processor) of a tiny Qwen2-VL or Qwen2.5-VL."""
+def _qwen_parts(family: str, tok, size: str = "tiny"):
+    """(model config, processor) of a toy Qwen2-VL or Qwen2.5-VL of `size` (SIZES)."""
     import transformers as tf
+
+    dims = SIZES[size]
+    hidden, heads, layers = dims["hidden"], dims["heads"], dims["layers"]
 
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in [("image_token_id", "<|image_pad|>"),
            ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
            ("vision_end_token_id", "<|vision_end|>")]}
-    text = dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
-                num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=4096,
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
                 # mrope splits head_dim/2 = 16 rotary frequencies over (time, height, width)
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
                 bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id)
     if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=HIDDEN, hidden_size=HIDDEN, num_heads=HEADS, mlp_ratio=2)
+        vision = dict(depth=2, embed_dim=HIDDEN, hidden_size=hidden, num_heads=HEADS, mlp_ratio=2)
         config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
         proc_cls = tf.Qwen2VLProcessor
     else:
         vision = dict(depth=2, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_heads=HEADS,
-                      out_hidden_size=HIDDEN, fullatt_block_indexes=[1], tokens_per_second=2)
+                      out_hidden_size=hidden, fullatt_block_indexes=[1], tokens_per_second=2)
         config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         proc_cls = tf.Qwen2_5_VLProcessor
-    # 28x28 px per merged token: a frame becomes at most 2x2 tokens, two frames share one temporal patch
-    pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56)
+    # tiny: 28x28 px per merged token, a frame becomes at most 2x2 tokens; two frames share one temporal patch
+    pixels = dict(min_pixels=dims["pixels"][0], max_pixels=dims["pixels"][1])
     processor = proc_cls(image_processor=tf.Qwen2VLImageProcessor(**pixels), tokenizer=tok,
                          video_processor=tf.Qwen2VLVideoProcessor(**pixels, cap_pixels_per_frame=False),
                          chat_template=tok.chat_template)
@@ -229,9 +237,10 @@ def _llava_onevision_parts(tok):
     return config, processor
 
 
-_PARTS = {"qwen2_vl": lambda tok: _qwen_parts("qwen2_vl", tok),
-          "qwen2_5_vl": lambda tok: _qwen_parts("qwen2_5_vl", tok),
-          "llava_next_video": _llava_next_video_parts, "llava_onevision": _llava_onevision_parts}
+_PARTS = {"qwen2_vl": lambda tok, size: _qwen_parts("qwen2_vl", tok, size),
+          "qwen2_5_vl": lambda tok, size: _qwen_parts("qwen2_5_vl", tok, size),
+          "llava_next_video": lambda tok, size: _llava_next_video_parts(tok),
+          "llava_onevision": lambda tok, size: _llava_onevision_parts(tok)}
 _TOKENIZER_KIND = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "llava_next_video": "vicuna",
                    "llava_onevision": "onevision"}
 
@@ -252,11 +261,11 @@ def _rename_llava_tower_keys(folder: Path) -> None:
     save_file(renamed, path, metadata={"format": "pt"})
 
 
-def build_toy_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build, save and return `out_dir`: a tiny random-weight model of `family` with its processor and tokenizer.
+def build_toy_model(family: str, out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Build, save and return `out_dir`: a toy random-weight model of `family` with its processor and tokenizer.
 
-    Deterministic for a seed (same weights, same tokenizer, same files). `toy.json` records family, seed and the
-    library versions that built it. Takes about a second.
+    Deterministic for a seed (same weights, same tokenizer, same files). `toy.json` records family, seed, size and
+    the library versions that built it. Takes about a second. size "world" exists for the Qwen families only.
     """
     import tokenizers
     import torch
@@ -265,17 +274,19 @@ def build_toy_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if size not in SIZES or (size != "tiny" and not family.startswith("qwen")):
+        raise ValueError(f"size {size!r} is not built for {family} (tiny: every family; world: Qwen families)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(_TOKENIZER_KIND[family], seed=0)  # the vocabulary does not depend on the weight seed
-    config, processor = _PARTS[family](tok)
+    config, processor = _PARTS[family](tok, size)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     if family.startswith("llava"):
         _rename_llava_tower_keys(out)
-    provenance = {"family": family, "seed": seed, "builder": "leanpo_core.toy.build_toy_model",
+    provenance = {"family": family, "seed": seed, "size": size, "builder": "leanpo_core.toy.build_toy_model",
                   "versions": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
                                "tokenizers": tokenizers.__version__}}
     (out / "toy.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
