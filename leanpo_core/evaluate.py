@@ -10,7 +10,12 @@ For a trained `model` (and, optionally, a `baseline` such as the SFT model it st
   answer_logp          mean over those questions of rbar(ground-truth answer) under the model;
   answer_logp_change   (with a baseline) the mean of rbar_model(answer) - rbar_baseline(answer) over the same
                        answers: positive means the model made the true answers more likely (docs/method.md section 1's
-                       likelihood-displacement question, asked on held-out data).
+                       likelihood-displacement question, asked on held-out data);
+  answer_accuracy/<category>   the accuracy per question type (synthetic: colour, direction, shape, count);
+  answer_accuracy_change       (with a baseline) model minus baseline on the same questions, its 95% interval from
+                       a paired bootstrap and, in `details`, the exact McNemar p-value (`leanpo_core.stats`).
+Accuracies carry a 95% Wilson interval in `ci_low`/`ci_high`. Every answer, right or wrong, is a row of the ANSWERS
+table next to the evaluation table (`<name>.answers.parquet`), so a reader can see what each model said.
 rbar is the mean token log-prob of a response given the clean frames and the plain question, end-of-reply token
 included, computed on the lean path (`logps.model_response_logps`, response-only logits, fp32) exactly as the
 reflect stage and the trainer score. The baseline is evaluated on every metric too, so the report compares the two.
@@ -35,14 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from leanpo_core import frames, io, models, prompts, reflect, schemas
+from leanpo_core import frames, io, models, prompts, reflect, schemas, stats, synthetic
 from leanpo_core.config import EvaluateConfig, load_config
 from leanpo_core.layout import RunLayout
 
 MATCH_RULE = ("normalised response == normalised answer, or the normalised answer's tokens appear as a contiguous "
               "whole-word phrase in the normalised response (SQuAD normalisation)")
-METRICS = ("preference_accuracy", "preference_margin", "answer_accuracy", "answer_f1", "answer_logp",
-           "answer_logp_change")
+METRICS = ("preference_accuracy", "preference_margin", "answer_accuracy", "answer_accuracy_change", "answer_f1",
+           "answer_logp", "answer_logp_change")
 
 
 def answer_match(response: str, answer: str) -> bool:
@@ -159,17 +164,52 @@ def preference_rows(run_id: str, model: str, split: str, rbar: list[float], coun
             _row(run_id, model, split, "preference_margin", _mean(margins), len(margins), **counts)]
 
 
-def answer_rows(run_id: str, model: str, split: str, items: list[dict], responses: list[str],
-                counts: dict) -> list[dict]:
-    """answer_accuracy (synthetic items, `answer_match`) and answer_f1 (other items, token F1) of the responses."""
-    exact, f1 = [], []
-    for it, response in zip(items, responses, strict=True):
-        if it["source"] == "synthetic":
-            exact.append(answer_match(response, it["answer"]))
-        else:
-            f1.append(reflect.token_f1(response, it["answer"]))
-    return [_row(run_id, model, split, "answer_accuracy", _mean(exact), len(exact), rule=MATCH_RULE, **counts),
-            _row(run_id, model, split, "answer_f1", _mean(f1), len(f1), **counts)]
+def category_of(item: dict) -> str:
+    """The category an answer is reported under: the question type for synthetic questions, else the source."""
+    if item["source"] == "synthetic":
+        return synthetic.question_type(item["question"])
+    return item["source"] or "other"
+
+
+def answer_records(run_id: str, model: str, split: str, items: list[dict], responses: list[str],
+                   answer_rbar: list[float]) -> list[dict]:
+    """ANSWERS rows: each question's response, its category, and whether it is right (exact items) or its F1."""
+    records = []
+    for it, response, logp in zip(items, responses, answer_rbar or [None] * len(items), strict=True):
+        exact = it["source"] == "synthetic"
+        records.append({"run_id": run_id, "model": model, "split": split, "id": it["id"],
+                        "category": category_of(it), "question": it["question"], "answer": it["answer"],
+                        "response": response, "correct": answer_match(response, it["answer"]) if exact else None,
+                        "f1": reflect.token_f1(response, it["answer"]), "answer_logp": logp})
+    return records
+
+
+def answer_rows(run_id: str, model: str, split: str, records: list[dict], counts: dict) -> list[dict]:
+    """answer_accuracy (exact items, `answer_match`) with its Wilson interval, overall and per category
+    (`answer_accuracy/<category>`), and answer_f1 (other items, token F1)."""
+    exact = [r for r in records if r["correct"] is not None]
+    f1 = [r["f1"] for r in records if r["correct"] is None]
+    summary = stats.accuracy_summary([r["correct"] for r in exact], [r["category"] for r in exact])
+    rows = []
+    for name, s in summary.items():
+        metric = "answer_accuracy" if name == "all" else f"answer_accuracy/{name}"
+        extra = {"rule": MATCH_RULE, **counts} if name == "all" else {}
+        rows.append({**_row(run_id, model, split, metric, s["value"], s["n"], **extra),
+                     "ci_low": s["ci_low"], "ci_high": s["ci_high"]})
+    return rows + [_row(run_id, model, split, "answer_f1", _mean(f1), len(f1), **counts)]
+
+
+def change_row(run_id: str, model: str, baseline: str, split: str, model_records: list[dict],
+               baseline_records: list[dict]) -> dict:
+    """answer_accuracy_change: model minus baseline on the same exact-answer questions, with its paired-bootstrap
+    95% interval; details hold the exact McNemar p-value and how many questions each model alone got right."""
+    right = {r["id"]: r["correct"] for r in baseline_records if r["correct"] is not None}
+    pairs = [(right[r["id"]], r["correct"]) for r in model_records if r["id"] in right]
+    result = stats.paired_difference([float(b) for b, _ in pairs], [float(a) for _, a in pairs])
+    return {**_row(run_id, model, split, "answer_accuracy_change", result["delta"], result["n"], baseline=baseline,
+                   p_value=result["p_value"], gained=result["gained"], lost=result["lost"],
+                   interval="paired bootstrap, 10000 resamples of the questions"),
+            "ci_low": result["ci_low"], "ci_high": result["ci_high"]}
 
 
 def _split_label(pair_items: list[dict], videos_uri: str, options: io.StorageOptions | None) -> str:
@@ -194,19 +234,24 @@ def run_evaluate(model: str, videos_uri: str, frames_uri: str, pairs_uri: str | 
     models_ = [model] + ([baseline_model] if baseline_model else [])
     # Likelihoods first for every model, generation after: see the module docstring.
     rbars = {m: (score(m, pair_items, config), score(m, questions, config)) for m in models_}
-    rows = []
+    rows, records = [], {}
     for m in models_:
         pair_rbar, answer_rbar = rbars[m]
         if pairs_uri:
             rows += preference_rows(run_id, m, pair_split, pair_rbar, pair_counts)
-        rows += answer_rows(run_id, m, config.split, questions, generate_answers(m, questions, config),
-                            question_counts)
+        records[m] = answer_records(run_id, m, config.split, questions, generate_answers(m, questions, config),
+                                    answer_rbar)
+        rows += answer_rows(run_id, m, config.split, records[m], question_counts)
         rows.append(_row(run_id, m, config.split, "answer_logp", _mean(answer_rbar), len(answer_rbar),
                          **question_counts))
     if baseline_model:
+        if any(r["correct"] is not None for r in records[model]):
+            rows.append(change_row(run_id, model, baseline_model, config.split, records[model],
+                                   records[baseline_model]))
         change = [a - b for a, b in zip(rbars[model][1], rbars[baseline_model][1])]
         rows.append(_row(run_id, model, config.split, "answer_logp_change", _mean(change), len(change),
                          baseline=baseline_model, **question_counts))
+    io.write_table([r for m in models_ for r in records[m]], answers_uri(out_uri), schemas.ANSWERS, options)
     manifest = io.write_table(rows, out_uri, schemas.EVALUATION, options)
     io.write_bytes(report_uri(out_uri), report(rows, model, baseline_model, run_id).encode(), options)
     return manifest
@@ -217,27 +262,42 @@ def report_uri(out_uri: str) -> str:
     return out_uri.removesuffix(".parquet") + ".md"
 
 
-def _fmt(value: float, n: int) -> str:
-    return "n/a" if n == 0 or math.isnan(value) else f"{value:.4f} (n={n})"
+def answers_uri(out_uri: str) -> str:
+    """Where the per-question ANSWERS table of the evaluation at `out_uri` goes: `<name>.answers.parquet`."""
+    return out_uri.removesuffix(".parquet") + ".answers.parquet"
+
+
+def format_metric(row: dict | None) -> str:
+    """"0.512 [0.443, 0.580] (n=200)" (an interval where the row has one); a change in percentage points."""
+    if row is None:
+        return ""
+    value, n = row["value"], row["n"]
+    if n == 0 or math.isnan(value):
+        return "n/a"
+    low, high = row.get("ci_low"), row.get("ci_high")
+    if low is None or high is None:
+        return f"{value:.4f} (n={n})"
+    return stats.format_interval(value, low, high, n, points=row["metric"].endswith("_change"))
 
 
 def report(rows: list[dict], model: str, baseline: str | None, run_id: str) -> str:
-    """A markdown table of the metrics, one column per model (model first, then the baseline)."""
-    columns = [model] + ([baseline] if baseline else [])
+    """A markdown table of the metrics with 95% intervals: a column for the model, then the baseline's."""
+    columns = [("model", model)] + ([("baseline", baseline)] if baseline else [])
     values = {(r["model"], r["metric"]): r for r in rows}
-    names = [m for m in METRICS if any(r["metric"] == m for r in rows)]
-    lines = [f"# Evaluation `{run_id}`", "", f"- model: `{model}`"]
-    if baseline:
-        lines.append(f"- baseline: `{baseline}`")
-    lines += ["", "| metric | split | " + " | ".join(f"`{Path(c).name or c}`" for c in columns) + " |",
+    ordered = [m for m in METRICS if any(r["metric"] == m for r in rows)]
+    ordered += sorted({r["metric"] for r in rows if r["metric"].startswith("answer_accuracy/")})
+    lines = [f"# Evaluation `{run_id}`", ""] + [f"- {label}: `{path}`" for label, path in columns]
+    lines += ["", "| metric | split | " + " | ".join(f"{label} `{Path(p).name or p}`" for label, p in columns) + " |",
               "|---|---|" + "---|" * len(columns)]
-    for name in names:
+    for name in ordered:
         split = next(r["split"] for r in rows if r["metric"] == name)
-        cells = [_fmt(values[(c, name)]["value"], values[(c, name)]["n"]) if (c, name) in values else ""
-                 for c in columns]
-        lines.append(f"| {name} | {split} | " + " | ".join(cells) + " |")
-    lines += ["", "rbar: mean token log-prob of a response given the clean frames and the plain question.",
-              f"answer_accuracy counts a match when the {MATCH_RULE}; answer_f1 is SQuAD token F1.", ""]
+        lines.append(f"| {name} | {split} | " + " | ".join(format_metric(values.get((p, name)))
+                                                          for _, p in columns) + " |")
+    lines += ["", "Intervals are 95%: Wilson for an accuracy, a paired bootstrap over the same questions for "
+              "answer_accuracy_change (its exact McNemar p-value is in the row's details).",
+              "rbar: mean token log-prob of a response given the clean frames and the plain question.",
+              f"answer_accuracy counts a match when the {MATCH_RULE}; answer_f1 is SQuAD token F1. Each "
+              "question's answer is in the `answers` table beside this one.", ""]
     return "\n".join(lines)
 
 

@@ -128,13 +128,24 @@ TRAIN_METRICS = _spec(
 )
 
 EVALUATION = _spec(
-    "evaluation", 1,
+    "evaluation", 2,
     _f("run_id", _STR), _f("model", _STR), _f("split", _STR), _f("metric", _STR),
-    _f("value", _F64), _f("n", _I64), _f("details", _STR, True),
+    _f("value", _F64), _f("n", _I64),
+    _f("ci_low", _F64, True), _f("ci_high", _F64, True),  # 95% interval (v2): Wilson, or paired bootstrap for changes
+    _f("details", _STR, True),
+)
+
+ANSWERS = _spec(  # one row per model and held-out question: what the evaluation's answer metrics are made of
+    "answers", 1,
+    _f("run_id", _STR), _f("model", _STR), _f("split", _STR), _f("id", _STR),
+    _f("category", _STR), _f("question", _STR), _f("answer", _STR), _f("response", _STR),
+    _f("correct", pa.bool_(), True),  # exact-answer items (synthetic); null where token F1 scores the answer
+    _f("f1", _F64), _f("answer_logp", _F64, True),
 )
 
 TABLES: dict[str, TableSpec] = {
-    spec.name: spec for spec in (VIDEOS, FRAMES, SAMPLES, SCORED, PAIRS, FAILURES, TRAIN_METRICS, EVALUATION)
+    spec.name: spec for spec in (VIDEOS, FRAMES, SAMPLES, SCORED, PAIRS, FAILURES, TRAIN_METRICS, EVALUATION,
+                                 ANSWERS)
 }
 
 

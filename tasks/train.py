@@ -119,7 +119,7 @@ def sft_pairs(out: str, videos: dict, frames: dict) -> dict:
 def evaluate(trained: dict, config: EvaluateConfig, videos: dict, frames: dict, out: str, run_id: str,
              pairs: dict | None = None, baseline: str | None = None, timeout_s: float | None = None) -> dict:
     """Evaluate the trained model (and the baseline it started from) on held-out questions and pairs."""
-    from leanpo_core.evaluate import report_uri
+    from leanpo_core.evaluate import answers_uri, report_uri
 
     logger = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="leanpo-") as folder:
@@ -131,9 +131,12 @@ def evaluate(trained: dict, config: EvaluateConfig, videos: dict, frames: dict, 
             launch.run_module("leanpo_core.evaluate", args, timeout_s=timeout_s, log=logger.info)
     manifest = io.read_manifest(out)
     publish_table(manifest, schemas.EVALUATION)
+    publish_table(io.read_manifest(answers_uri(out)), schemas.ANSWERS)
     rows = io.read_table(out, schemas.EVALUATION).to_pylist()
     return {**manifest.to_dict(), "report": report_uri(out), "model": trained["model"], "baseline": baseline,
-            "metrics": [{k: r[k] for k in ("model", "split", "metric", "value", "n")} for r in rows]}
+            "answers": answers_uri(out),
+            "metrics": [{k: r[k] for k in ("model", "split", "metric", "value", "n", "ci_low", "ci_high")}
+                        for r in rows]}
 
 
 def _copy_folder(source: str, dest: str) -> None:

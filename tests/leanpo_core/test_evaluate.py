@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanpo_core import evaluate, io, schemas, synthetic
+from leanpo_core import evaluate, io, schemas, stats, synthetic
 from leanpo_core.config import EvaluateConfig, FramesConfig
 from leanpo_core.frames import FrameStore, frames_metadata, run_frames
 from leanpo_core.layout import RunLayout
@@ -88,16 +88,30 @@ def test_answer_and_preference_arithmetic_by_hand():
     articles, pred = [square, moves, left], ref = [red, square, moves, left], common 3, P = 1, R = 3/4,
     F1 = 2 * 1 * 0.75 / 1.75 = 6/7. rbar (chosen, rejected) = (-1, -2), (-3, -2.5): margins 1 and -0.5, accuracy 1/2,
     mean margin 0.25."""
-    items = [{"source": "synthetic", "answer": "red"}, {"source": "synthetic", "answer": "3"},
-             {"source": "other", "answer": "The red square moves left."}]
-    rows = evaluate.answer_rows("r", "m", "test", items, ["The shape is red.", "13", "A square moves left"], {})
+    items = [{"id": "a", "question": "What colour is the moving shape?", "source": "synthetic", "answer": "red"},
+             {"id": "b", "question": "How many squares are there?", "source": "synthetic", "answer": "3"},
+             {"id": "c", "question": "What happens?", "source": "other", "answer": "The red square moves left."}]
+    records = evaluate.answer_records("r", "m", "test", items, ["The shape is red.", "13", "A square moves left"],
+                                      [])
+    assert [r["correct"] for r in records] == [True, False, None]
+    assert [r["category"] for r in records] == ["colour", "count", "other"]
+    rows = evaluate.answer_rows("r", "m", "test", records, {})
     got = {r["metric"]: (r["value"], r["n"]) for r in rows}
     assert got["answer_accuracy"] == (0.5, 2)
+    assert got["answer_accuracy/colour"] == (1.0, 1) and got["answer_accuracy/count"] == (0.0, 1)
+    overall = next(r for r in rows if r["metric"] == "answer_accuracy")
+    assert (overall["ci_low"], overall["ci_high"]) == pytest.approx(stats.wilson_interval(1, 2))
     assert got["answer_f1"][0] == pytest.approx(6 / 7) and got["answer_f1"][1] == 1
+    # the change row pairs questions by id: the baseline got "a" wrong and "b" right -> delta 0, one each way
+    baseline = [{**records[0], "correct": False}, {**records[1], "correct": True}, records[2]]
+    change = evaluate.change_row("r", "m", "base", "test", records, baseline)
+    assert (change["value"], change["n"]) == (0.0, 2)
+    details = json.loads(change["details"])
+    assert (details["gained"], details["lost"], details["p_value"]) == (1, 1, 1.0)
     rows = evaluate.preference_rows("r", "m", "test", [-1.0, -2.0, -3.0, -2.5], {})
     got = {r["metric"]: (r["value"], r["n"]) for r in rows}
     assert got == {"preference_accuracy": (0.5, 2), "preference_margin": (0.25, 2)}
-    empty = evaluate.answer_rows("r", "m", "test", [], [], {})
+    empty = evaluate.answer_rows("r", "m", "test", [], {})
     assert all(math.isnan(r["value"]) and r["n"] == 0 for r in empty)
 
 
@@ -121,9 +135,17 @@ def test_evaluate_in_process_against_itself(heldout, toy_dirs, loaded):
     manifest = evaluate.run_evaluate(model, layout.videos, layout.frames, layout.pairs, out, config, "self",
                                      baseline_model=model)
     table = io.read_table(out, schemas.EVALUATION)  # raises unless schema-valid at the declared version
-    assert manifest.rows == table.num_rows == 11  # 5 metrics per model + answer_logp_change
     got = {(r["model"], r["metric"]): r for r in table.to_pylist()}
-    assert {m for _, m in got} == set(evaluate.METRICS)
+    per_type = {m for _, m in got if m.startswith("answer_accuracy/")}
+    # 5 metrics per model, per-type accuracy per model, and the two changes
+    assert manifest.rows == table.num_rows == 12 + 2 * len(per_type) and per_type
+    assert {m for _, m in got} - per_type == set(evaluate.METRICS)
+    change = got[(model, "answer_accuracy_change")]  # the model against itself: no question changes
+    assert (change["value"], change["ci_low"], change["ci_high"], change["n"]) == (0.0, 0.0, 0.0, 4)
+    answers = io.read_table(evaluate.answers_uri(out), schemas.ANSWERS).to_pylist()
+    assert len(answers) == 2 * 5 and {a["model"] for a in answers} == {model}
+    assert sum(a["correct"] for a in answers if a["correct"] is not None) == 2 * round(
+        4 * got[(model, "answer_accuracy")]["value"])
     mine = {metric: row for (who, metric), row in got.items() if who == model}
     assert mine["answer_logp_change"]["value"] == 0.0 and mine["answer_logp_change"]["n"] == 5
     assert json.loads(mine["answer_logp_change"]["details"])["baseline"] == model
@@ -159,9 +181,10 @@ def test_cli_with_vllm_writes_table_and_report(heldout, toy_dirs, tmp_path):
                            "--root", layout.root, "--config", str(config), "--run-id", "cli", "--out", out],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"5 evaluation rows written to {out}" in proc.stdout
     table = io.read_table(out, schemas.EVALUATION).to_pylist()
-    assert {r["metric"] for r in table} == set(evaluate.METRICS) - {"answer_logp_change"}
+    assert f"{len(table)} evaluation rows written to {out}" in proc.stdout
+    assert {r["metric"] for r in table if "/" not in r["metric"]} == set(evaluate.METRICS) - {
+        "answer_logp_change", "answer_accuracy_change"}
     assert {r["run_id"] for r in table} == {"cli"}
     accuracy = next(r for r in table if r["metric"] == "answer_accuracy")
     assert accuracy["n"] == 4 and 0.0 <= accuracy["value"] <= 1.0

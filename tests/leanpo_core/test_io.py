@@ -57,7 +57,8 @@ def sample_rows(spec: schemas.TableSpec, n: int = 2) -> list[dict]:
 
 
 def evaluation_rows(tag: str, n: int) -> list[dict]:
-    return [dict(run_id=tag, model="m", split="test", metric="acc", value=float(i), n=n, details=None)
+    return [dict(run_id=tag, model="m", split="test", metric="acc", value=float(i), n=n, ci_low=None,
+                 ci_high=None, details=None)
             for i in range(n)]
 
 

@@ -10,14 +10,15 @@ from leanpo_core.schemas import EVALUATION, SchemaMismatch, check_version, confo
 
 
 def row(**changes):
-    base = dict(run_id="r1", model="m", split="test", metric="acc", value=0.5, n=10, details=None)
+    base = dict(run_id="r1", model="m", split="test", metric="acc", value=0.5, n=10, ci_low=0.2, ci_high=0.8,
+                details=None)
     return {**base, **changes}
 
 
 def test_rows_conform_to_exact_schema_with_version():
     table = conform([row(), row(n=11, details="{}")], EVALUATION)
     assert table.schema.equals(EVALUATION.schema)
-    assert table.schema.metadata == {schemas.TABLE_KEY: b"evaluation", schemas.VERSION_KEY: b"1"}
+    assert table.schema.metadata == {schemas.TABLE_KEY: b"evaluation", schemas.VERSION_KEY: str(EVALUATION.version).encode()}
     assert table.column("n").to_pylist() == [10, 11]
 
 
@@ -73,9 +74,10 @@ def test_null_in_non_nullable_column_is_named():
 def test_check_version_accepts_own_and_rejects_other_versions():
     table = conform([row()], EVALUATION)
     assert check_version(table, EVALUATION).equals(table)
-    with pytest.raises(SchemaMismatch, match=r"expected table 'evaluation' v2, found 'evaluation' v1"):
-        check_version(table, dataclasses.replace(EVALUATION, version=2))
-    with pytest.raises(SchemaMismatch, match=r"expected table 'pairs' v1, found 'evaluation' v1"):
+    v = EVALUATION.version
+    with pytest.raises(SchemaMismatch, match=rf"expected table 'evaluation' v{v + 1}, found 'evaluation' v{v}"):
+        check_version(table, dataclasses.replace(EVALUATION, version=v + 1))
+    with pytest.raises(SchemaMismatch, match=rf"expected table 'pairs' v1, found 'evaluation' v{v}"):
         check_version(table, schemas.PAIRS)
     with pytest.raises(SchemaMismatch, match=r"found '\?' v\?"):
         check_version(pa.Table.from_pylist([row()]), EVALUATION)
