@@ -1,7 +1,8 @@
 """`leanpo`: the command line for the common actions.
 
-    leanpo demo                       the main job on the embedded default: toy model, synthetic clips, SFT warm
-                                      start, data refresh, LeanPO training, evaluation before/after
+    leanpo demo                       the main job on the embedded default, in the toy world: its SFT model and
+                                      synthetic clips, data refresh, LeanPO training, held-out accuracy
+                                      before/after with 95% intervals, per question type
     leanpo run FLOW --config FILE     run a flow (data-refresh, train, pipeline) with its parameters from YAML/JSON
     leanpo server [--port 4200]       the local Prefect server + UI (127.0.0.1) on this project's database
     leanpo serve [--config FILE]      serve the deployments in this process: nightly data refresh, retrain on new
@@ -227,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="run the main job on the embedded default")
     demo.add_argument("--workdir", default="runs/demo", help="where tables and models go (default: runs/demo)")
-    demo.add_argument("--family", default="qwen2_vl", help="toy model family (default: qwen2_vl)")
-    demo.add_argument("--videos", type=int, default=12, help="synthetic clips to generate (default: 12)")
-    demo.add_argument("--no-warm-start", action="store_true", help="skip the SFT warm start of the toy model")
+    demo.add_argument("--max-train-questions", type=int, default=0, metavar="N",
+                      help="use the first N questions of the world's train split for pairs (default 0: all)")
+    demo.add_argument("--max-test-questions", type=int, default=0, metavar="N",
+                      help="evaluate on the first N questions of the test split (default 0: all)")
 
     run = commands.add_parser("run", help="run a flow with its parameters from a YAML/JSON file")
     run.add_argument("flow", choices=sorted(FLOWS), help="which flow")
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from flows.demo import run_demo
 
-            run_demo(args.workdir, args.family, args.videos, warm_start=not args.no_warm_start)
+            run_demo(args.workdir, args.max_train_questions, args.max_test_questions)
     except ConfigError as exc:
         print(f"leanpo {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -1,17 +1,22 @@
-"""The main job on the embedded default, through Prefect with a temporary local server.
+"""The main job on the embedded default, through Prefect with a temporary local server, in the toy world.
 
-Builds a tiny Qwen2-VL-shaped model offline and a synthetic video-QA set (real h264 clips of moving shapes with
-exact answers), warm-starts the model briefly with objective `sft` on the training split's ground-truth answers (so
-that it is an "SFT model" at all, as the method assumes), then runs one round of the pipeline from it: data refresh
-(frames -> prior-infused sampling with vLLM -> self-reflection scoring -> ranked pairs), LeanPO training, and
-evaluation of the trained model against the warm-started one on the held-out split. Prints where every table is,
-the before/after evaluation, and how to open the UI on the run.
+The toy world (`leanpo_core.toyworld`) is a tiny Qwen2-VL-shaped SFT model that reads the synthetic clips (shipped
+in `leanpo_core/assets/toy_world`, rebuilt by `python -m leanpo_core.toyworld build` when its code changes) and a
+synthetic video-QA set with disjoint splits. The demo runs one round of the pipeline from that SFT model: data
+refresh on the `train` split (frames -> prior-infused sampling with vLLM: hint, then self-reflection, for the winning
+side; the lean augmented 2-frame view without the hint for the losing side -> scoring -> ranked pairs with the
+reward-trustworthiness filter), LeanPO training, and evaluation of the trained model against the SFT model on the
+`test` split, which nothing was trained or tuned on. It prints the before/after answer accuracy with 95% intervals,
+the change with its paired interval and McNemar p-value, per question type, the blind baselines, what the pairs
+were made of, and where every table, plot and report is.
 
-    leanpo demo [--workdir runs/demo] [--videos 12] [--no-warm-start]     # or: make demo
+    leanpo demo [--workdir runs/demo] [--max-train-questions N] [--max-test-questions N]     # or: make demo
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import math
 import os
 import time
@@ -20,108 +25,158 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.pipeline import pipeline
+from leanpo_core import io, schemas, stats, synthetic, toyworld
 from leanpo_core.config import EvaluateConfig, FramesConfig, PairsConfig, ReflectConfig, SampleConfig, TrainConfig
-from leanpo_core.layout import RunLayout
-from tasks import data
-from tasks import train as train_tasks
+from leanpo_core.evaluate import answer_match, answers_uri
 
-FRAMES = FramesConfig(num_frames=8, max_side=128)
-# Short, fast runs of a tiny model: a high learning rate and no DeepSpeed or checkpointing on CPU.
-WARM_START = dict(objective="sft", learning_rate=5e-3, warmup_ratio=0.0, epochs=3, per_device_batch_size=2,
-                  deepspeed="none", gradient_checkpointing=False, save_steps=1000, seed=0, sft_weight=1.0)
-LEANPO = dict(objective="leanpo", learning_rate=1e-3, warmup_ratio=0.0, epochs=4, per_device_batch_size=2,
-              deepspeed="none", gradient_checkpointing=False, save_steps=1000, seed=0)
-
-
-@task
-def build_model(family: str, folder: str) -> str:
-    """Build (once) the tiny offline model of `family`."""
-    from leanpo_core import toy
-
-    if not (Path(folder) / "toy.json").exists():
-        toy.build_toy_model(family, folder)
-    return folder
+FRAMES = FramesConfig(num_frames=toyworld.WorldSettings.frames, max_side=128)
+# The toy SFT model was never taught to rate replies, so candidates are ranked by token F1 against the prior
+# knowledge and the trust filter (the SFT model's own likelihood) decides which pairs are kept.
+REFLECT = ReflectConfig(judge=False, prior_f1_weight=1.0, batch_size=16)
+SAMPLE = dict(num_candidates=2, max_new_tokens=8, max_model_len=1024, shard_size=256)
+# The method's loss defaults (beta 2, gamma 0.5, eps 0.1, d 0, lambda_sft 0.5); a learning rate for a 1 M-parameter
+# model trained for seconds, and no DeepSpeed or checkpointing on CPU.
+LEANPO = dict(objective="leanpo", learning_rate=1e-3, warmup_ratio=0.1, epochs=2, per_device_batch_size=8,
+              deepspeed="none", gradient_checkpointing=False, save_steps=100000, seed=0)
+EVALUATE = dict(split="test", max_new_tokens=8, max_model_len=1024, batch_size=16)
 
 
 @task
-def synthetic_set(folder: str, videos: int) -> str:
-    """Write (once) the synthetic clips and their manifest."""
-    from leanpo_core import synthetic
+def world_model(cache: str) -> str:
+    """The toy world's SFT model: the shipped one when its content key matches the code, else built (minutes)."""
+    return str(toyworld.ensure_world(cache))
 
-    manifest = Path(folder) / "manifest.jsonl"
-    return str(manifest if manifest.exists() else synthetic.generate(folder, num=videos, seed=0,
-                                                                     questions_per_clip=1))
+
+@task
+def world_set(folder: str, max_train: int = 0, max_test: int = 0) -> str:
+    """The world's clips of the `train` and `test` splits and their manifest (first N questions of each with caps)."""
+    manifest = toyworld.manifest(folder, only=("train", "test"))
+    if not max_train and not max_test:
+        return str(manifest)
+    taken, rows = collections.Counter(), []
+    caps = {"train": max_train, "test": max_test}
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        if not caps[row["split"]] or taken[row["split"]] < caps[row["split"]]:
+            taken[row["split"]] += 1
+            rows.append(line + "\n")
+    capped = Path(folder) / f"manifest-{max_train}-{max_test}.jsonl"
+    capped.write_text("".join(rows))
+    return str(capped)
 
 
 @flow(name="leanpo-demo", log_prints=True)
-def demo(workdir: str, family: str = "qwen2_vl", videos: int = 12, warm_start: bool = True) -> dict:
-    """Toy model + synthetic clips -> SFT warm start -> one pipeline round (refresh, LeanPO, evaluation)."""
-    model = build_model(family, str(Path(workdir) / "model"))
-    manifest = synthetic_set(str(Path(workdir) / "synthetic"), videos)
-    warm = None
-    if warm_start:
-        # The round's own ingest and frames: the data refresh below finds them cached.
-        round0 = str(Path(workdir) / "round-0")
-        train_videos = data.ingest(manifest, round0, "train")
-        train_frames = data.frames(round0, FRAMES, train_videos)
-        sft_root = str(Path(workdir) / "sft")
-        gold = train_tasks.sft_pairs(RunLayout(sft_root).pairs, train_videos, train_frames)
-        config = TrainConfig(model=model, **WARM_START)
-        run_id = train_tasks.run_id_for(config, gold)
-        warm = train_tasks.train(config, gold, train_frames, RunLayout(sft_root).train(run_id), run_id)
-        model = warm["model"]
+def demo(workdir: str, max_train_questions: int = 0, max_test_questions: int = 0) -> dict:
+    """Toy world SFT model + synthetic clips -> one pipeline round (refresh, LeanPO, evaluation on `test`)."""
+    model = world_model(str(Path(workdir).parent / ".cache" / "toy-world"))
+    manifest = world_set(str(Path(workdir) / "synthetic"), max_train_questions, max_test_questions)
     result = pipeline(
-        manifest=manifest, root=workdir, frames=FRAMES,
-        sample=SampleConfig(model=model, num_candidates=2, max_new_tokens=24, max_model_len=1024, shard_size=8),
-        reflect=ReflectConfig(judge_max_tokens=6),
-        pairs=PairsConfig(),
-        train=TrainConfig(model=model, **LEANPO),
-        evaluate=EvaluateConfig(backend="transformers", split="test", max_new_tokens=8, max_model_len=1024),
-        rounds=1,
-    )
-    return {**result, "warm_start": warm}
+        manifest=manifest, root=workdir, frames=FRAMES, sample=SampleConfig(model=model, **SAMPLE), reflect=REFLECT,
+        pairs=PairsConfig(), train=TrainConfig(model=model, **LEANPO), evaluate=EvaluateConfig(**EVALUATE),
+        rounds=1)
+    return {**result, "sft_model": model, "manifest": manifest}
 
 
-def _value(value: float, n: int) -> str:
-    return "n/a" if n == 0 or math.isnan(value) else f"{value:.3f}"
+def _cell(row: dict | None) -> str:
+    if row is None or row["n"] == 0 or math.isnan(row["value"]):
+        return "n/a"
+    return stats.format_interval(row["value"], row["ci_low"], row["ci_high"], row["n"],
+                                 points=row["metric"].endswith("_change"))
 
 
-def run_demo(workdir: str = "runs/demo", family: str = "qwen2_vl", videos: int = 12, warm_start: bool = True) -> dict:
+def accuracy_table(evaluation_uri: str, model: str, baseline: str) -> list[str]:
+    """Console lines: answer accuracy before/after with intervals, overall and per type, and the paired change."""
+    rows = io.read_table(evaluation_uri, schemas.EVALUATION).to_pylist()
+    by = {(r["model"], r["metric"]): r for r in rows}
+    answers = io.read_table(answers_uri(evaluation_uri), schemas.ANSWERS).to_pylist()
+    mine = {a["id"]: a for a in answers if a["model"] == model}
+    theirs = {a["id"]: a for a in answers if a["model"] == baseline}
+    change = by.get((model, "answer_accuracy_change"))
+    details = json.loads(change["details"]) if change else {}
+    lines = [f"  {'':22s} {'SFT model (before)':30s} {'LeanPO (after)':30s} change (paired bootstrap)"]
+    categories = ["all"] + sorted({a["category"] for a in answers})
+    for category in categories:
+        metric = "answer_accuracy" if category == "all" else f"answer_accuracy/{category}"
+        label = "answer accuracy" if category == "all" else f"  {category}"
+        if category == "all":
+            delta = _cell(change)
+        else:
+            ids = [i for i, a in mine.items() if a["category"] == category and i in theirs]
+            paired = stats.paired_difference([theirs[i]["correct"] for i in ids], [mine[i]["correct"] for i in ids])
+            delta = stats.format_interval(paired["delta"], paired["ci_low"], paired["ci_high"], points=True)
+        lines.append(f"  {label:22s} {_cell(by.get((baseline, metric))):30s} {_cell(by.get((model, metric))):30s} "
+                     f"{delta}")
+    if change:
+        lines.append(f"  questions right only after: {details['gained']}, only before: {details['lost']}; "
+                     f"exact McNemar p = {details['p_value']:.3g}")
+        verdict = ("the gain is significant: the 95% interval of the change lies above zero"
+                   if change["ci_low"] > 0 else
+                   "the model got worse: the 95% interval of the change lies below zero" if change["ci_high"] < 0
+                   else "no significant change at this size: the 95% interval of the change includes zero")
+        lines.append(f"  verdict: {verdict}")
+    prior = {kind: str(value) for kind, value in synthetic.PRIOR.items()}
+    lean = {who: sum(1 for a in rows_ if not a["correct"] and a["response"].strip() == prior.get(a["category"]))
+            for who, rows_ in (("before", theirs.values()), ("after", mine.values()))}
+    lines.append(f"  wrong answers that are the SFT data's majority answer (a language prior, not the video): "
+                 f"{lean['before']} before, {lean['after']} after")
+    return lines
+
+
+def pair_lines(pairs_uri: str, videos_uri: str) -> list[str]:
+    """How often each side of the pairs gives the true answer (all pairs, kept pairs) and why pairs were dropped."""
+    truth = {r["id"]: r["answer"] for r in io.read_table(videos_uri, schemas.VIDEOS).to_pylist()}
+    pairs = io.read_table(pairs_uri, schemas.PAIRS).to_pylist()
+    kept = [p for p in pairs if p["kept"]]
+
+    def right(side: str, rows: list[dict]) -> str:
+        return f"{sum(answer_match(p[side], truth[p['id']]) for p in rows) / max(1, len(rows)):.2f}"
+
+    reasons = collections.Counter(p["drop_reason"] for p in pairs if not p["kept"])
+    lines = [f"  {len(kept)} kept of {len(pairs)}" + (" (dropped: " + ", ".join(
+        f"{n} {reason}" for reason, n in reasons.most_common()) + ")" if reasons else "")]
+    lines.append(f"  true answer in the winning reply (hint + self-reflection): {right('chosen', pairs)} of all pairs, "
+                 f"{right('chosen', kept)} of kept; in the losing reply (lean 2-frame view, no hint): "
+                 f"{right('rejected', pairs)} of all, {right('rejected', kept)} of kept")
+    for p in kept[:3]:
+        lines.append(f"  e.g. {truth[p['id']]!r:10s} Q: {p['prompt']!r}  chosen {p['chosen'].strip()!r}, "
+                     f"rejected {p['rejected'].strip()!r}")
+    return lines
+
+
+def run_demo(workdir: str = "runs/demo", max_train_questions: int = 0, max_test_questions: int = 0) -> dict:
     """Run the demo flow and print a summary (Prefect settings come from `flows.cli.prefect_environment`)."""
-    from leanpo_core import io, schemas
-
     root = str(Path(workdir).resolve())
     start = time.perf_counter()
-    result = demo(root, family, videos, warm_start)
+    result = demo(root, max_train_questions, max_test_questions)
     done = result["rounds"][0]
     refresh, trained = done["refresh"], done["train"]
-    pairs = io.read_table(refresh["pairs"]["uri"], schemas.PAIRS).to_pylist()
-    kept = sum(p["kept"] for p in pairs)
-    reasons = sorted({p["drop_reason"] for p in pairs if not p["kept"]})
     print(f"\nleanpo demo finished in {time.perf_counter() - start:.0f} s  (run folder: {root})")
+    print(f"SFT model (toy world): {result['sft_model']}")
     print("tables:")
     for name in ("videos", "frames", "samples", "scored", "pairs"):
         print(f"  {name:10s} {refresh[name]['rows']:5d} rows  {refresh[name]['uri']}")
-    metrics = trained["metrics"]
+    metrics, evaluation = trained["metrics"], trained["evaluation"]
     print(f"  {'metrics':10s} {metrics['rows']:5d} rows  {metrics['uri']}")
-    evaluation = trained["evaluation"]
-    print(f"  {'evaluation':10s} {evaluation['rows']:5d} rows  {evaluation['uri']}")
-    print(f"pairs: {kept} kept, {len(pairs) - kept} dropped" + (f" ({', '.join(reasons)})" if reasons else ""))
-    if result["warm_start"]:
-        warm = result["warm_start"]
-        print(f"warm start (sft): {warm['steps']} steps, final loss {warm['final_loss']:.3f} -> {warm['model']}")
-    print(f"training ({trained['objective']}): {trained['steps']} steps, final loss "
-          f"{trained['final_loss']:.3f} -> {trained['published']['model']}; curve: {trained['plot']}")
-    before, after = evaluation["baseline"], evaluation["model"]
-    table = {(m["model"], m["metric"]): m for m in evaluation["metrics"]}
-    print("evaluation on the held-out split 'test' (warm-started model -> LeanPO-trained model):")
-    for metric in ("answer_accuracy", "answer_logp", "preference_accuracy", "preference_margin",
-                   "answer_logp_change"):
-        b, a = table.get((before, metric)), table.get((after, metric))
-        if a is None:
-            continue
-        was = _value(b["value"], b["n"]) if b else "-"
-        print(f"  {metric:22s} {was:>8s} -> {_value(a['value'], a['n']):>8s}   (n={a['n']})")
+    print(f"  {'evaluation':10s} {evaluation['rows']:5d} rows  {evaluation['uri']}  (+ answers per question: "
+          f"{answers_uri(evaluation['uri'])})")
+    print("pairs (train split):")
+    for line in pair_lines(refresh["pairs"]["uri"], refresh["videos"]["uri"]):
+        print(line)
+    steps = io.read_table(metrics["uri"], schemas.TRAIN_METRICS).to_pylist()
+    gate = [s["label_smoothing/active_fraction"] for s in steps if s["label_smoothing/active_fraction"] is not None]
+    print(f"training (LeanPO): {trained['steps']} steps, final loss {trained['final_loss']:.3f}, smoothing gate open "
+          f"on {sum(gate) / max(1, len(gate)):.1%} of pairs on average -> {trained['published']['model']}")
+    print(f"  likelihood curves (chosen/rejected mean log-prob per step, the paper's Figure-1 view): "
+          f"{trained['plot']}")
+    test = io.read_table(evaluation["uri"], schemas.EVALUATION).to_pylist()
+    n = next((r["n"] for r in test if r["metric"] == "answer_accuracy"), 0)
+    print(f"held-out answer accuracy on the 'test' split ({n} questions nothing was trained or tuned on), "
+          "95% intervals:")
+    for line in accuracy_table(evaluation["uri"], trained["model"], trained["base_model"]):
+        print(line)
+    blind = toyworld.blind_baselines(toyworld.WorldSettings(), "test")
+    print(f"  video-blind baselines on the full test split: uniform guess {blind['uniform']:.3f}, most common "
+          f"answer of the type {blind['type_prior']:.3f}, of the question {blind['question_prior']:.3f}")
     print(f"  report: {evaluation['report']}")
     print(f"inspect a table: .venv/bin/leanpo inspect {refresh['pairs']['uri']}")
     home = os.environ.get("PREFECT_HOME")
@@ -129,3 +184,4 @@ def run_demo(workdir: str = "runs/demo", family: str = "qwen2_vl", videos: int =
     print(f"Prefect UI on this run: {prefix}.venv/bin/leanpo server, then open http://127.0.0.1:4200 "
           "(flow runs, task runs, artifacts: tables, reports, progress)")
     return result
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from leanpo_core import io, schemas
+from leanpo_core import evaluate, io, schemas, toyworld
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,11 +25,13 @@ def leanpo(*args: str, env: dict | None = None, timeout: int = 600) -> subproces
 
 
 def test_demo_runs_the_pipeline_through_prefect(tmp_path):
-    """The README's first command end to end (less the set-up): toy model, synthetic clips, SFT warm start, a
-    data-refresh round, LeanPO training and evaluation before/after, with the summary that says where it all is."""
+    """The README's first command end to end (less the set-up), on a slice of the toy world: its SFT model, a data
+    refresh over the train split's first questions, LeanPO training, and the before/after evaluation on the test
+    split with intervals and a row per question type, and the summary that says where it all is."""
     workdir = tmp_path / "demo"
     env = {"PREFECT_HOME": str(workdir / ".prefect")}  # the test session sets another
-    proc = leanpo("demo", "--workdir", str(workdir), "--videos", "6", env=env, timeout=900)
+    proc = leanpo("demo", "--workdir", str(workdir), "--max-train-questions", "12", "--max-test-questions", "16",
+                  env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     round0 = workdir / "round-0"
     videos = io.read_table(str(round0 / "videos.parquet"), schemas.VIDEOS)
@@ -37,23 +39,29 @@ def test_demo_runs_the_pipeline_through_prefect(tmp_path):
     samples = io.read_dataset(str(round0 / "samples"), schemas.SAMPLES)
     scored = io.read_dataset(str(round0 / "scored"), schemas.SCORED)
     pairs = io.read_table(str(round0 / "pairs.parquet"), schemas.PAIRS)
-    assert videos.num_rows > 0 and set(videos.column("split").to_pylist()) == {"train"}
-    assert frames.num_rows == videos.num_rows  # one clip per question in the demo
+    assert videos.num_rows == 12 and set(videos.column("split").to_pylist()) == {"train"}
+    assert frames.num_rows == len(set(videos.column("video").to_pylist()))  # one decode per clip
     assert samples.num_rows == scored.num_rows == 4 * videos.num_rows  # 2 candidates x 2 sides
     assert pairs.num_rows == videos.num_rows
     for pair in pairs.to_pylist():  # every pair is kept, or dropped with a reason
         assert pair["kept"] or pair["drop_reason"]
-    warm = io.read_table(str(workdir / "sft" / "pairs.parquet"), schemas.PAIRS)
-    assert warm.column("chosen").to_pylist() == videos.column("answer").to_pylist()  # ground truth as chosen
     [record] = (round0 / "train").glob("*/published.json")
     published = json.loads(record.read_text())
     assert published["objective"] == "leanpo" and published["steps"] > 0
     assert (Path(published["model"]) / "config.json").exists() and Path(published["plot"]).exists()
-    assert "/sft/train/" in published["base_model"]  # trained from the warm-started model
+    assert published["base_model"] == str(toyworld.ASSET)  # trained from the toy world's SFT model
     evaluation = io.read_table(published["evaluation"], schemas.EVALUATION).to_pylist()
     assert {r["model"] for r in evaluation} == {published["local_model"], published["base_model"]}
-    assert f"leanpo inspect {round0 / 'pairs.parquet'}" in proc.stdout
-    assert "LeanPO-trained model" in proc.stdout and "answer_accuracy" in proc.stdout and "leanpo server" in proc.stdout
+    accuracy = [r for r in evaluation if r["metric"] == "answer_accuracy"]
+    assert len(accuracy) == 2 and all(r["n"] == 16 and r["ci_low"] <= r["value"] <= r["ci_high"] for r in accuracy)
+    answers = io.read_table(evaluate.answers_uri(published["evaluation"]), schemas.ANSWERS).to_pylist()
+    assert len(answers) == 2 * 16 and all(a["split"] == "test" for a in answers)
+    out = proc.stdout
+    assert f"leanpo inspect {round0 / 'pairs.parquet'}" in out and "leanpo server" in out
+    assert "SFT model (before)" in out and "LeanPO (after)" in out and "answer accuracy" in out
+    kinds = {a["category"] for a in answers}
+    assert all(f"    {kind}" in out for kind in kinds) and "verdict:" in out and "video-blind baselines" in out
+    assert "true answer in the winning reply" in out and "smoothing gate open on" in out
     assert (workdir / ".prefect" / "prefect.db").exists()  # kept for `leanpo server` to show the run
 
 
