@@ -2,6 +2,7 @@
 
 Every accuracy the project reports comes with its n and a 95% interval, so a reader can tell a gain from noise:
   wilson_interval        one proportion k/n (Wilson score interval: well behaved at 0, 1 and small n);
+  bootstrap_interval     the mean of any per-question score (e.g. correctness averaged over seeds);
   paired_difference      two models answering the SAME questions: the mean difference of their per-question
                          correctness, its paired-bootstrap percentile interval (resampling questions, seeded, so the
                          same inputs give the same interval) and the exact two-sided McNemar p-value (a binomial
@@ -44,6 +45,18 @@ def mcnemar_exact(gained: int, lost: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
+def bootstrap_interval(values: Sequence[float], resamples: int = 10_000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling them with replacement, seeded)."""
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return math.nan, math.nan
+    means = data[np.random.default_rng(seed).integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def paired_difference(before: Sequence[float], after: Sequence[float], resamples: int = 10_000, seed: int = 0,
                       level: float = 0.95) -> dict:
     """Difference after - before of two per-question scores (1/0 correctness) over the same questions, in order.
@@ -59,12 +72,9 @@ def paired_difference(before: Sequence[float], after: Sequence[float], resamples
         return {"delta": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "n": 0,
                 "gained": 0, "lost": 0}
     diff = a - b
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = bootstrap_interval(diff, resamples, seed, level)
     gained, lost = int(((a > 0.5) & (b < 0.5)).sum()), int(((a < 0.5) & (b > 0.5)).sum())
-    return {"delta": float(diff.mean()), "ci_low": float(low), "ci_high": float(high),
+    return {"delta": float(diff.mean()), "ci_low": low, "ci_high": high,
             "p_value": mcnemar_exact(gained, lost), "n": n, "gained": gained, "lost": lost}
 
 

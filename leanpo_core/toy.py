@@ -237,10 +237,10 @@ def _llava_onevision_parts(tok):
     return config, processor
 
 
-_PARTS = {"qwen2_vl": lambda tok, size: _qwen_parts("qwen2_vl", tok, size),
-          "qwen2_5_vl": lambda tok, size: _qwen_parts("qwen2_5_vl", tok, size),
-          "llava_next_video": lambda tok, size: _llava_next_video_parts(tok),
-          "llava_onevision": lambda tok, size: _llava_onevision_parts(tok)}
+_PARTS = {"qwen2_vl": lambda tok, size="tiny": _qwen_parts("qwen2_vl", tok, size),
+          "qwen2_5_vl": lambda tok, size="tiny": _qwen_parts("qwen2_5_vl", tok, size),
+          "llava_next_video": lambda tok, size="tiny": _llava_next_video_parts(tok),
+          "llava_onevision": lambda tok, size="tiny": _llava_onevision_parts(tok)}
 _TOKENIZER_KIND = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "llava_next_video": "vicuna",
                    "llava_onevision": "onevision"}
 

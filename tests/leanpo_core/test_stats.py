@@ -78,3 +78,11 @@ def test_format_interval():
     assert stats.format_interval(0.5, 0.2366, 0.7634, 10) == "0.500 [0.237, 0.763] (n=10)"
     assert stats.format_interval(0.065, 0.015, 0.115, points=True) == "+6.5 pp [+1.5, +11.5]"
     assert stats.format_interval(math.nan, 0, 0) == "n/a"
+
+
+def test_bootstrap_interval_of_a_mean():
+    assert stats.bootstrap_interval([0.5] * 10) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in stats.bootstrap_interval([]))
+    # 0/1 values with mean 0.3 over 400: the normal half-width is 1.96 * sqrt(0.21 / 400) = 0.0449
+    low, high = stats.bootstrap_interval([1] * 120 + [0] * 280, resamples=20_000)
+    assert low == pytest.approx(0.3 - 0.0449, abs=0.006) and high == pytest.approx(0.3 + 0.0449, abs=0.006)
