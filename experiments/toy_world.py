@@ -41,12 +41,13 @@ from pathlib import Path
 
 import yaml
 
-from experiments.dpo_vs_leanpo import Run, machine, running_mean, versions
+from experiments.dpo_vs_leanpo import Run, _stop, machine, running_mean, versions
 from leanpo_core import io, schemas, stats, toyworld
 from leanpo_core.evaluate import answer_match, answers_uri
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "toy_world"
+DISCUSSION = "## Discussion"  # a hand-written section of the report, kept when the script rewrites the rest
 ARMS = ("sft-continued", "dpo", "simpo", "leanpo")
 GATE_ON = "leanpo-gate-on"
 SPLITS = ("train", "validation", "test")
@@ -70,15 +71,8 @@ def setup(run: Run) -> None:
     from leanpo_core import videos
 
     model = toyworld.ensure_world(run.path("cache"))
-    manifest = toyworld.manifest(run.path("data"), only=SPLITS)
-    rows = videos.read_videos(str(manifest))
-    caps = {"train": run.args.max_train, "validation": run.args.max_train, "test": run.args.max_test}
-    taken = collections.Counter()
-    kept = []
-    for row in rows:
-        if not caps[row["split"]] or taken[row["split"]] < caps[row["split"]]:
-            taken[row["split"]] += 1
-            kept.append(row)
+    kept = videos.read_videos(str(world_manifest(run)))
+    taken = collections.Counter(row["split"] for row in kept)
     videos.write_videos(kept, run.path("videos.parquet"))
     for split in SPLITS:
         videos.write_videos([r for r in kept if r["split"] == split], run.path("pairs", split, "videos.parquet"))
@@ -87,6 +81,15 @@ def setup(run: Run) -> None:
     frames_config = run.write_yaml("frames.yaml", {"num_frames": toyworld.WorldSettings.frames, "max_side": 128})
     run.stage("leanpo_core.frames", "run", "--videos", run.path("videos.parquet"), "--frames", run.path("frames"),
               "--failures", run.path("failures", "frames"), "--config", frames_config, "--no-progress")
+
+
+def world_manifest(run: Run) -> Path:
+    """The world's train / validation / test manifest, capped by --max-train / --max-test."""
+    manifest = toyworld.manifest(run.path("data"), only=SPLITS)
+    if not run.args.max_train and not run.args.max_test:
+        return manifest
+    caps = {"train": run.args.max_train, "validation": run.args.max_train, "test": run.args.max_test}
+    return toyworld.first_questions(manifest, caps, run.out / "data" / "manifest-capped.jsonl")
 
 
 def sft_model(run: Run) -> str:
@@ -197,8 +200,7 @@ def rounds(run: Run) -> None:
     """The pipeline flow through Prefect (a temporary server under --out) for --rounds rounds."""
     from leanpo_core import launch
 
-    manifest = str(toyworld.manifest(run.path("data"), only=SPLITS))
-    config = {"manifest": manifest, "root": run.path("rounds"), "rounds": run.args.rounds,
+    config = {"manifest": str(world_manifest(run)), "root": run.path("rounds"), "rounds": run.args.rounds,
               "frames": {"num_frames": toyworld.WorldSettings.frames, "max_side": 128},
               "sample": {"model": sft_model(run), "num_candidates": run.args.candidates, "max_new_tokens": 8,
                          "max_model_len": 1024, "shard_size": 256},
@@ -208,18 +210,6 @@ def rounds(run: Run) -> None:
                         "warmup_ratio": 0.1, "deepspeed": "none", "gradient_checkpointing": False,
                         "save_steps": 100000, "seed": 0},
               "evaluate": {"split": "test", "max_new_tokens": 8, "max_model_len": 1024, "batch_size": 16}}
-    if run.args.max_train or run.args.max_test:
-        rows = [line for line in Path(manifest).read_text().splitlines()]
-        caps = {"train": run.args.max_train, "test": run.args.max_test, "validation": 1}
-        taken, keep = collections.Counter(), []
-        for line in rows:
-            split = json.loads(line)["split"]
-            if not caps[split] or taken[split] < caps[split]:
-                taken[split] += 1
-                keep.append(line + "\n")
-        capped = run.out / "data" / "manifest-capped.jsonl"
-        capped.write_text("".join(keep))
-        config["manifest"] = str(capped)
     path = run.write_yaml("pipeline.yaml", config)
     start = time.perf_counter()
     launch.run_module("flows.cli", ["run", "pipeline", "--config", path],
@@ -321,11 +311,11 @@ def plot(run: Run, results: Path) -> list[str]:
     plt.close(fig)
     data = json.loads((results / f"{NAME}.json").read_text())["arms"]
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    labels = list(data)
+    labels = [arm for arm in ("sft", *ARMS, GATE_ON) if arm in data]
     values = [data[a]["answer_accuracy"] for a in labels]
     errors = [[v - data[a]["ci_low"] for a, v in zip(labels, values)],
               [data[a]["ci_high"] - v for a, v in zip(labels, values)]]
-    ax.bar(labels, values, yerr=errors, capsize=4, color=["grey"] + ["tab:blue"] * (len(labels) - 1))
+    ax.bar(labels, values, yerr=errors, capsize=4, color=["grey" if a == "sft" else "tab:blue" for a in labels])
     ax.set_ylabel("held-out answer accuracy (95% CI)")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
@@ -448,10 +438,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _stop(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> dict:
     signal.signal(signal.SIGTERM, _stop)
     args = parse_args(argv)
@@ -477,7 +463,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = results(run, command)
     (results_dir / f"{NAME}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     text = report(data, plot(run, results_dir))
-    (results_dir / f"{NAME}.md").write_text(text)
+    previous = results_dir / f"{NAME}.md"
+    if previous.exists() and DISCUSSION in previous.read_text():
+        text = text.rstrip("\n") + "\n\n" + DISCUSSION + previous.read_text().split(DISCUSSION, 1)[1]
+    previous.write_text(text)
     print("\n" + text + f"\n\nreport: {results_dir / (NAME + '.md')}")
     return data
 

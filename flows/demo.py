@@ -53,16 +53,8 @@ def world_set(folder: str, max_train: int = 0, max_test: int = 0) -> str:
     manifest = toyworld.manifest(folder, only=("train", "test"))
     if not max_train and not max_test:
         return str(manifest)
-    taken, rows = collections.Counter(), []
-    caps = {"train": max_train, "test": max_test}
-    for line in manifest.read_text().splitlines():
-        row = json.loads(line)
-        if not caps[row["split"]] or taken[row["split"]] < caps[row["split"]]:
-            taken[row["split"]] += 1
-            rows.append(line + "\n")
-    capped = Path(folder) / f"manifest-{max_train}-{max_test}.jsonl"
-    capped.write_text("".join(rows))
-    return str(capped)
+    return str(toyworld.first_questions(manifest, {"train": max_train, "test": max_test},
+                                        Path(folder) / f"manifest-{max_train}-{max_test}.jsonl"))
 
 
 @flow(name="leanpo-demo", log_prints=True)

@@ -104,6 +104,18 @@ def manifest(out_dir: str | Path, settings: WorldSettings = WorldSettings(),
     return path
 
 
+def first_questions(manifest_path: str | Path, caps: dict[str, int], out: str | Path) -> Path:
+    """A copy of a manifest with at most caps[split] questions of each split (0 or absent: all), in order."""
+    taken, lines = collections.Counter(), []
+    for line in Path(manifest_path).read_text().splitlines():
+        split = json.loads(line)["split"]
+        if not caps.get(split) or taken[split] < caps[split]:
+            taken[split] += 1
+            lines.append(line + "\n")
+    Path(out).write_text("".join(lines))
+    return Path(out)
+
+
 def split_questions(settings: WorldSettings, split: str) -> list[dict]:
     """The questions of one split, drawn exactly as `synthetic.generate` draws them (no files written)."""
     rows = []
