@@ -123,4 +123,6 @@ def main(argv: list[str] | None = None) -> io.Manifest:
 
 
 if __name__ == "__main__":
-    main()
+    from leanpo_core.launch import stage_entry
+
+    stage_entry(main, hard_exit=True)
