@@ -218,6 +218,14 @@ def rounds(run: Run) -> None:
     print(f"  (pipeline, {run.args.rounds} rounds, took {time.perf_counter() - start:.0f} s)")
 
 
+def _relative(path: str) -> str:
+    """A path inside the repository as a repository-relative one (results name no machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return path
+
+
 def round_results(run: Run) -> list[dict]:
     out = []
     for index in range(run.args.rounds):
@@ -230,7 +238,7 @@ def round_results(run: Run) -> list[dict]:
         before, after = get[(published["base_model"], "answer_accuracy")], get[(published["local_model"],
                                                                                "answer_accuracy")]
         change = get.get((published["local_model"], "answer_accuracy_change"))
-        out.append({"round": index, "generator": published["base_model"], "before": before["value"],
+        out.append({"round": index, "generator": _relative(published["base_model"]), "before": before["value"],
                     "after": after["value"], "n": after["n"], "ci_low": after["ci_low"], "ci_high": after["ci_high"],
                     "delta": change["value"] if change else math.nan,
                     "delta_ci_low": change["ci_low"] if change else math.nan,
