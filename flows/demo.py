@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from prefect import flow, task
 from flows.pipeline import pipeline
 from leanpo_core import io, schemas, stats, synthetic, toyworld
 from leanpo_core.config import EvaluateConfig, FramesConfig, PairsConfig, ReflectConfig, SampleConfig, TrainConfig
-from leanpo_core.evaluate import answer_match, answers_uri
+from leanpo_core.evaluate import answer_match, answers_uri, format_metric
 
 FRAMES = FramesConfig(num_frames=toyworld.WorldSettings.frames, max_side=128)
 # The toy SFT model was never taught to rate replies, so candidates are ranked by token F1 against the prior
@@ -69,13 +68,6 @@ def demo(workdir: str, max_train_questions: int = 0, max_test_questions: int = 0
     return {**result, "sft_model": model, "manifest": manifest}
 
 
-def _cell(row: dict | None) -> str:
-    if row is None or row["n"] == 0 or math.isnan(row["value"]):
-        return "n/a"
-    return stats.format_interval(row["value"], row["ci_low"], row["ci_high"], row["n"],
-                                 points=row["metric"].endswith("_change"))
-
-
 def accuracy_table(evaluation_uri: str, model: str, baseline: str) -> list[str]:
     """Console lines: answer accuracy before/after with intervals, overall and per type, and the paired change."""
     rows = io.read_table(evaluation_uri, schemas.EVALUATION).to_pylist()
@@ -91,13 +83,13 @@ def accuracy_table(evaluation_uri: str, model: str, baseline: str) -> list[str]:
         metric = "answer_accuracy" if category == "all" else f"answer_accuracy/{category}"
         label = "answer accuracy" if category == "all" else f"  {category}"
         if category == "all":
-            delta = _cell(change)
+            delta = format_metric(change)
         else:
             ids = [i for i, a in mine.items() if a["category"] == category and i in theirs]
             paired = stats.paired_difference([theirs[i]["correct"] for i in ids], [mine[i]["correct"] for i in ids])
             delta = stats.format_interval(paired["delta"], paired["ci_low"], paired["ci_high"], points=True)
-        lines.append(f"  {label:22s} {_cell(by.get((baseline, metric))):30s} {_cell(by.get((model, metric))):30s} "
-                     f"{delta}")
+        before, after = format_metric(by.get((baseline, metric))), format_metric(by.get((model, metric)))
+        lines.append(f"  {label:22s} {before:30s} {after:30s} {delta}")
     if change:
         lines.append(f"  questions right only after: {details['gained']}, only before: {details['lost']}; "
                      f"exact McNemar p = {details['p_value']:.3g}")
