@@ -160,6 +160,7 @@ def sft_pairs(run: Run) -> str:
     (prompts.hint_prompt) or as a reflection turn over a drawn previous answer, right or wrong
     (prompts.reflection_prompt): the sampling stage asks the generator exactly these two prompts."""
     from leanpo_core.frames import FrameStore
+    from leanpo_core.pairs import pair_row
 
     rng = random.Random(run.args.seed)
     options = answer_sets()
@@ -177,13 +178,8 @@ def sft_pairs(run: Run) -> str:
                  "hint": prompts.hint_prompt(q["question"], q["answer"]),
                  "reflection": prompts.reflection_prompt(q["question"], q["answer"], rng.choice([q["answer"], wrong]))}
         for kind in ("plain", variant):
-            rows.append({"pair_id": f"{q['id']}:{kind}", "id": q["id"], "prompt": texts[kind], "chosen": q["answer"],
-                         "rejected": wrong, "video": q["video"], "video_key": key, "frames_uri": frame["shard_uri"],
-                         "chosen_frame_indices": frame["frame_indices"],
-                         "rejected_frame_indices": frame["frame_indices"], "chosen_score": None,
-                         "rejected_score": None, "chosen_gen_logp": math.nan, "rejected_gen_logp": math.nan,
-                         "chosen_sft_logp": None, "rejected_sft_logp": None, "kept": True, "drop_reason": None,
-                         "model_revision": "ground-truth", "round": 0, "config_hash": "sft-warm-start"})
+            rows.append(pair_row(f"{q['id']}:{kind}", q["id"], texts[kind], q["video"], frame, q["answer"], wrong,
+                                 config_hash="sft-warm-start"))
     uri = run.path("sft", "pairs.parquet")
     io.write_table(rows, uri, schemas.PAIRS)
     print(f"SFT table: {len(rows)} rows from {len(rows) // 2} training questions")

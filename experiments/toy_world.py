@@ -44,6 +44,7 @@ import yaml
 from experiments.dpo_vs_leanpo import Run, _stop, machine, running_mean, versions
 from leanpo_core import io, schemas, stats, toyworld
 from leanpo_core.evaluate import answer_match, answers_uri
+from leanpo_core.pairs import pair_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "toy_world"
@@ -137,12 +138,11 @@ def gold_pairs(run: Run) -> str:
         if q["id"] not in generated:
             continue
         template = generated[q["id"]]  # its video, frames and indices
+        frame = {"video_key": template["video_key"], "shard_uri": template["frames_uri"],
+                 "frame_indices": template["chosen_frame_indices"]}
         answer = " " + q["answer"].strip()  # as a reply continues the assistant prefix
-        rows.append({**template, "pair_id": f"{q['id']}:gold", "chosen": answer, "rejected": answer,
-                     "chosen_frame_indices": template["chosen_frame_indices"],
-                     "rejected_frame_indices": template["chosen_frame_indices"], "kept": True, "drop_reason": None,
-                     "chosen_gen_logp": math.nan, "rejected_gen_logp": math.nan, "chosen_sft_logp": None,
-                     "rejected_sft_logp": None, "model_revision": "ground-truth", "config_hash": "gold"})
+        rows.append(pair_row(f"{q['id']}:gold", q["id"], template["prompt"], template["video"], frame, answer, answer,
+                             round_=template["round"], config_hash="gold"))
     uri = run.path("pairs", "train", "gold.parquet")
     io.write_table(rows, uri, schemas.PAIRS)
     return uri

@@ -101,7 +101,8 @@ def heldout_pairs(pairs_uri: str, store: frames.FrameStore, options: io.StorageO
             indices = pair[f"{side}_frame_indices"]
             pixels = _select(clip, row, indices)
             items.append({"id": pair["id"], "question": pair["prompt"], "response": pair[side], "frames": pixels,
-                          "meta": frames.frames_metadata(row, pixels, indices), "finish_reason": "stop"})
+                          "meta": frames.frames_metadata(row, pixels, indices),
+                          "finish_reason": pair[f"{side}_finish_reason"]})
     return items, {"pairs_kept": len(pairs), "missing_frames": missing}
 
 

@@ -45,6 +45,16 @@ _PER_VIDEO = ("video_grid_thw", "second_per_grid_ts")
 VIDEO_PIXELS = "pixel_values_videos"
 
 
+def ended_by_itself(finish_reason: str | None) -> bool:
+    """Whether a reply ended on its own end-of-reply token, so that token is scored and trained with it.
+
+    A reply cut at the generation limit (finish reason "length") never produced it: every stage (the reflect
+    stage's likelihood, training, the evaluation's pair scoring) then scores the reply without it, never one each.
+    A ground-truth reply (finish reason unknown, None) counts as ended.
+    """
+    return finish_reason != "length"
+
+
 @dataclasses.dataclass(frozen=True)
 class FamilyAdapter:
     """What differs between model families: prompt placeholder, end-of-reply token, processor and vLLM arguments."""

@@ -27,6 +27,8 @@ from leanpo_core.config import PairsConfig, load_config
 from leanpo_core.layout import add_table_arguments, table_arguments
 from leanpo_core.frames import FrameStore
 
+Side = dict | str | None  # a side of a pair: a scored candidate, a ground-truth text, or no candidate
+
 
 def _check_ranks(rows: list[dict], key: tuple) -> None:
     """A group's ranks must be 0..n-1: anything else means a question's candidates were ranked in two shards."""
@@ -71,27 +73,44 @@ def select_pairs(scored: list[dict], videos: dict[str, dict], frames: dict[str, 
             raise ValueError(f"scored id {qid!r} is not in the videos table")
         if any_row["video_key"] not in frames:
             raise ValueError(f"video_key {any_row['video_key']!r} of id {qid!r} is not in the frames table")
-        frame = frames[any_row["video_key"]]
+        frame = {**frames[any_row["video_key"]], "video_key": any_row["video_key"]}
         reason = drop_reason(chosen, rejected, config)
-        out.append({
-            "pair_id": f"{qid}:{round_}", "id": qid,
-            "prompt": prompts.plain_prompt(videos[qid]["question"]),
-            "chosen": chosen["response"] if chosen else "", "rejected": rejected["response"] if rejected else "",
-            "video": videos[qid]["video"], "video_key": any_row["video_key"], "frames_uri": frame["shard_uri"],
-            "chosen_frame_indices": frame["frame_indices"], "rejected_frame_indices": frame["frame_indices"],
-            **_side("chosen", chosen), **_side("rejected", rejected),
-            "kept": reason is None, "drop_reason": reason,
-            "model_revision": any_row["model_revision"], "round": round_, "config_hash": config.config_hash(),
-        })
+        out.append(pair_row(f"{qid}:{round_}", qid, prompts.plain_prompt(videos[qid]["question"]),
+                            videos[qid]["video"], frame, chosen, rejected, kept=reason is None, drop_reason=reason,
+                            model_revision=any_row["model_revision"], round_=round_,
+                            config_hash=config.config_hash()))
     return out
 
 
-def _side(name: str, row: dict | None) -> dict[str, Any]:
-    # A missing side has no score and no log-probs; gen_logp is not nullable in the schema, so it is NaN there.
-    if row is None:
-        return {f"{name}_score": None, f"{name}_sft_logp": None, f"{name}_gen_logp": float("nan")}
+def pair_row(pair_id: str, qid: str, prompt: str, video: str, frame: dict, chosen: Side, rejected: Side, *,
+             kept: bool = True, drop_reason: str | None = None, model_revision: str = "ground-truth",
+             round_: int = 0, config_hash: str = "ground-truth") -> dict[str, Any]:
+    """One PAIRS row; the one place its columns are written out.
+
+    frame: the frames-table row the pair trains on (`video_key`, `shard_uri`, `frame_indices`); both sides point at
+    its clean frames. A side is a scored candidate (a SCORED row: its response, score, log-probs and finish reason),
+    a plain text (a ground-truth reply: no score or log-probs, ended by itself) or None (no candidate).
+    """
+    return {"pair_id": pair_id, "id": qid, "prompt": prompt,
+            "chosen": _text(chosen), "rejected": _text(rejected),
+            "video": video, "video_key": frame["video_key"], "frames_uri": frame["shard_uri"],
+            "chosen_frame_indices": frame["frame_indices"], "rejected_frame_indices": frame["frame_indices"],
+            **_side("chosen", chosen), **_side("rejected", rejected),
+            "kept": kept, "drop_reason": drop_reason,
+            "model_revision": model_revision, "round": round_, "config_hash": config_hash}
+
+
+def _text(side: Side) -> str:
+    return side["response"] if isinstance(side, dict) else side or ""
+
+
+def _side(name: str, row: Side) -> dict[str, Any]:
+    # gen_logp is not nullable in the schema, so it is NaN where nothing generated the side.
+    if not isinstance(row, dict):
+        return {f"{name}_score": None, f"{name}_sft_logp": None, f"{name}_gen_logp": float("nan"),
+                f"{name}_finish_reason": None if row is None else "stop"}
     return {f"{name}_score": row["score"], f"{name}_sft_logp": row["sft_mean_logprob"],
-            f"{name}_gen_logp": row["gen_mean_logprob"]}
+            f"{name}_gen_logp": row["gen_mean_logprob"], f"{name}_finish_reason": row["finish_reason"]}
 
 
 def run_pairs(videos_uri: str, frames_uri: str, scored_uri: str, pairs_uri: str, config: PairsConfig,

@@ -63,8 +63,8 @@ def sft_scores(model, processor, adapter, items: list[dict], batch_size: int) ->
     """(mean token log-prob, tokens scored) of each item's response under `model`, in `items` order.
 
     Each item: frames, meta, question, response, finish_reason. The end-of-reply token is scored when the
-    response ended by itself and not when it was cut at max_tokens (finish_reason "length"), the rule the trainer
-    applies with `encode(add_end=...)`. Batches group items of equal frame shape.
+    response ended by itself, not when it was cut at max_tokens (`models.ended_by_itself`, the trainer's rule too).
+    Batches group items of equal frame shape.
     """
     import torch
 
@@ -85,7 +85,7 @@ def sft_scores(model, processor, adapter, items: list[dict], batch_size: int) ->
                     it = items[i]
                     prompt = adapter.build_prompt(processor, prompts.plain_prompt(it["question"]))
                     encoded.append(adapter.encode(processor, it["frames"], prompt, it["response"], meta=it["meta"],
-                                                  add_end=it["finish_reason"] != "length"))
+                                                  add_end=models.ended_by_itself(it["finish_reason"])))
                 batch = {k: v.to(device) for k, v in models.collate(encoded, pad_id).items()}
                 sums, counts = model_response_logps(model, batch)
                 for i, total, count in zip(chunk, sums.tolist(), counts.tolist()):
@@ -177,8 +177,8 @@ def scored_rows(items: list[dict], sft: list[tuple], judged: list[tuple], config
             continue
         f1 = token_f1(it["response"], it["answer"])
         rows.append({
-            **{k: it[k] for k in ("id", "video_key", "side", "candidate", "round", "response", "gen_mean_logprob",
-                                  "model_revision")},
+            **{k: it[k] for k in ("id", "video_key", "side", "candidate", "round", "response", "finish_reason",
+                                  "gen_mean_logprob", "model_revision")},
             "judge_score": rating, "judge_raw": raw, "judge_status": status, "prior_f1": f1,
             "sft_mean_logprob": mean, "sft_num_tokens": count, "score": combine(config, rating, f1, mean),
             "config_hash": run_hash,

@@ -84,9 +84,10 @@ SAMPLES = _spec(
 )
 
 SCORED = _spec(
-    "scored", 1,
+    "scored", 2,
     _f("id", _STR), _f("video_key", _STR), _f("side", _STR), _f("candidate", _I32), _f("round", _I32),
     _f("response", _STR),
+    _f("finish_reason", _STR),                # the sample's: "length" (cut at max_tokens) is scored without end token
     _f("judge_score", _F64, True), _f("judge_raw", _STR, True),
     _f("judge_status", _STR),                 # ok | unparsable | off
     _f("prior_f1", _F64),
@@ -97,7 +98,7 @@ SCORED = _spec(
 )
 
 PAIRS = _spec(
-    "pairs", 1,
+    "pairs", 2,
     _f("pair_id", _STR), _f("id", _STR),
     _f("prompt", _STR), _f("chosen", _STR), _f("rejected", _STR),  # TRL's preference columns
     _f("video", _STR), _f("video_key", _STR), _f("frames_uri", _STR),
@@ -105,6 +106,8 @@ PAIRS = _spec(
     _f("chosen_score", _F64, True), _f("rejected_score", _F64, True),
     _f("chosen_gen_logp", _F64), _f("rejected_gen_logp", _F64),    # generation-time mean token log-probs
     _f("chosen_sft_logp", _F64, True), _f("rejected_sft_logp", _F64, True),
+    # "stop" | "length" (cut at max_tokens: scored and trained without the end-of-reply token); null = ended by itself
+    _f("chosen_finish_reason", _STR, True), _f("rejected_finish_reason", _STR, True),
     _f("kept", pa.bool_()), _f("drop_reason", _STR, True),
     _f("model_revision", _STR), _f("round", _I32), _f("config_hash", _STR),
 )

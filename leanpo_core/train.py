@@ -93,7 +93,9 @@ class PairsDataset(torch.utils.data.Dataset):
 
     Frames come from the frames table through `FrameStore`, a whole shard per lookup, the last `cache_shards`
     shards kept decoded. The prompt is the plain question in the model's chat template (as the reflect stage scores
-    and evaluation asks); each response is tokenised apart from the prompt and closed with the end-of-reply token.
+    and evaluation asks); each response is tokenised apart from the prompt and closed with the end-of-reply token
+    unless it was cut at max_tokens (`models.ended_by_itself`: the rule the reflect stage scored it by, so a pair's
+    stored SFT log-probs are what this encoding gives under the SFT model and displacement starts at zero).
     """
 
     def __init__(self, pairs_uri: str, frames_uri: str, processor, adapter: models.FamilyAdapter, max_length: int,
@@ -139,8 +141,9 @@ class PairsDataset(torch.utils.data.Dataset):
         meta = frames_mod.frames_metadata(frame_row, clip, wanted)
         prompt = self.adapter.build_prompt(self.processor, prompts.plain_prompt(row["prompt"]))
         once = _ProcessOnce(self.processor)  # both sides share prompt and video: pixels prepared once per pair
-        chosen = self.adapter.encode(once, clip, prompt, row["chosen"], meta=meta, add_end=True)
-        rejected = self.adapter.encode(once, clip, prompt, row["rejected"], meta=meta, add_end=True)
+        chosen, rejected = (self.adapter.encode(once, clip, prompt, row[side], meta=meta,
+                                                add_end=models.ended_by_itself(row.get(f"{side}_finish_reason")))
+                            for side in ("chosen", "rejected"))
         return {"chosen": self._truncate(chosen, row), "rejected": self._truncate(rejected, row),
                 "chosen_baseline": displacement_baseline(row, "chosen"),
                 "rejected_baseline": displacement_baseline(row, "rejected")}

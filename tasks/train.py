@@ -92,6 +92,7 @@ def train(config: TrainConfig, pairs: dict, frames: dict, output_dir: str, run_i
 def sft_pairs(out: str, videos: dict, frames: dict) -> dict:
     """Ground-truth answers as chosen responses: warm-start data for `objective: sft` (rejected = chosen, unused)."""
     from leanpo_core.frames import FrameStore
+    from leanpo_core.pairs import pair_row
 
     store = FrameStore(frames["uri"])
     rows = []
@@ -100,14 +101,8 @@ def sft_pairs(out: str, videos: dict, frames: dict) -> dict:
         if key is None:
             continue  # undecodable: already a row of the frames stage's failures table
         frame = store.rows[key]
-        rows.append({"pair_id": f"{video['id']}:sft", "id": video["id"], "prompt": video["question"],
-                     "chosen": video["answer"], "rejected": video["answer"], "video": video["video"],
-                     "video_key": key, "frames_uri": frame["shard_uri"],
-                     "chosen_frame_indices": frame["frame_indices"], "rejected_frame_indices": frame["frame_indices"],
-                     "chosen_score": None, "rejected_score": None, "chosen_gen_logp": float("nan"),
-                     "rejected_gen_logp": float("nan"), "chosen_sft_logp": None, "rejected_sft_logp": None,
-                     "kept": True, "drop_reason": None, "model_revision": "ground-truth", "round": 0,
-                     "config_hash": "sft-warm-start"})
+        rows.append(pair_row(f"{video['id']}:sft", video["id"], video["question"], video["video"], frame,
+                             video["answer"], video["answer"], config_hash="sft-warm-start"))
     if not rows:
         raise ValueError(f"{videos['uri']}: no question has decoded frames in {frames['uri']}")
     manifest = io.write_table(rows, out, schemas.PAIRS)
@@ -156,7 +151,7 @@ def publish(root: str, trained: dict, evaluation: dict | None = None) -> dict:
     plot_uri = io.join_uri(dest, "metrics.png")
     if Path(dest).resolve() != Path(trained["output_dir"]).resolve() or "://" in dest:
         _copy_folder(trained["model"], model_uri)
-        for name in ("metrics.parquet", "metrics.parquet" + io.MANIFEST_SUFFIX, "metrics.png"):
+        for name in ("metrics.parquet", io.manifest_uri("metrics.parquet"), "metrics.png"):
             io.write_bytes(io.join_uri(dest, name), (Path(trained["output_dir"]) / name).read_bytes())
     record = {"run_id": trained["run_id"], "objective": trained["objective"], "base_model": trained["base_model"],
               "model": model_uri, "local_model": trained["model"], "metrics": metrics_uri, "plot": plot_uri,

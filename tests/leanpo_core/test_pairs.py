@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from leanpo_core import io, pairs, reflect, schemas
 from leanpo_core.config import PairsConfig, ReflectConfig
 from leanpo_core.layout import RunLayout
+from leanpo_core.logps import naive_response_logps
+from leanpo_core.train import PairsDataset
 from tests.leanpo_core.test_reflect import QUESTIONS, clips, naive_mean_logp, run, write_run
 
 VIDEOS = {q: {"video": f"{q}.mp4", "question": qa[0]} for q, qa in QUESTIONS.items()}
@@ -18,7 +21,8 @@ FRAMES = {"vk-a": {"shard_uri": "/run/frames/part-00000.parquet", "frame_indices
 
 def scored(qid: str, side: str, candidate: int, score: float, sft: float, round_: int = 0) -> dict:
     return {"id": qid, "video_key": "vk-a", "side": side, "candidate": candidate, "round": round_,
-            "response": f"{qid} {side} {candidate}", "judge_score": None, "judge_raw": None, "judge_status": "off",
+            "response": f"{qid} {side} {candidate}", "finish_reason": "length" if candidate == 1 else "stop",
+            "judge_score": None, "judge_raw": None, "judge_status": "off",
             "prior_f1": 0.0, "sft_mean_logprob": sft, "sft_num_tokens": 5, "gen_mean_logprob": -1.0 - candidate,
             "score": score, "rank": -1, "model_revision": "toy-rev", "config_hash": "reflect-test"}
 
@@ -42,6 +46,7 @@ def test_chosen_is_best_winner_and_rejected_is_worst_loser():
     assert (pair["chosen_score"], pair["rejected_score"]) == (0.9, -0.3)
     assert (pair["chosen_sft_logp"], pair["rejected_sft_logp"]) == (-1.0, -2.0)
     assert (pair["chosen_gen_logp"], pair["rejected_gen_logp"]) == (-2.0, -2.0)
+    assert (pair["chosen_finish_reason"], pair["rejected_finish_reason"]) == ("length", "length")
     assert pair["kept"] and pair["drop_reason"] is None
     assert pair["prompt"] == QUESTIONS["q1"][0] and pair["video"] == "q1.mp4" and pair["video_key"] == "vk-a"
     assert pair["frames_uri"] == FRAMES["vk-a"]["shard_uri"]
@@ -71,6 +76,7 @@ def test_every_drop_reason_is_a_row():
     d = got["d"]
     assert d["chosen"] == "" and d["chosen_score"] is None and d["chosen_sft_logp"] is None
     assert math.isnan(d["chosen_gen_logp"]) and d["rejected"] == "d lose 0"
+    assert (d["chosen_finish_reason"], d["rejected_finish_reason"]) == (None, "stop")
     assert got["e"]["rejected"] == "" and got["e"]["rejected_score"] is None
     assert list(got) == sorted(got)
 
@@ -149,4 +155,18 @@ def test_k1_reproduces_the_papers_pair_construction_on_s3(s3_root, toy_dirs, vid
         assert pair["drop_reason"] == (None if r_w > r_l else "untrustworthy")
     assert got["q1"]["kept"] != got["q3"]["kept"]
     assert got["q1"]["frames_uri"] == io.shard_uri(RunLayout(s3_root).frames, 0)
+    assert (got["q2"]["chosen_finish_reason"], got["q2"]["rejected_finish_reason"]) == ("stop", "length")
+    # The trainer encodes each kept pair by the same end-token rule, so under the SFT model its log-probs are the
+    # stored ones: displacement (now minus the stored baseline) starts at zero, the truncated q2 reply included.
+    every = layout.root + "/all-pairs.parquet"  # the filter off: every pair kept, so every pair is trained
+    pairs.run_pairs(layout.videos, layout.frames, layout.scored, every, PairsConfig(trust_filter=False))
+    model, processor, adapter = loaded("qwen2_vl")
+    dataset = PairsDataset(every, layout.frames, processor, adapter, max_length=4096)
+    assert [row["id"] for row in dataset.rows] == ["q1", "q2", "q3"]
+    for index, row in enumerate(dataset.rows):
+        item = dataset[index]
+        for side in ("chosen", "rejected"):
+            with torch.no_grad():
+                total, count = naive_response_logps(model(**item[side]).logits, item[side]["labels"])
+            assert (total / count).item() - item[f"{side}_baseline"] == pytest.approx(0.0, abs=1e-5)
     assert io.read_dataset(layout.scored, schemas.SCORED).num_rows == 6

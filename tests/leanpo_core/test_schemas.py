@@ -77,7 +77,7 @@ def test_check_version_accepts_own_and_rejects_other_versions():
     v = EVALUATION.version
     with pytest.raises(SchemaMismatch, match=rf"expected table 'evaluation' v{v + 1}, found 'evaluation' v{v}"):
         check_version(table, dataclasses.replace(EVALUATION, version=v + 1))
-    with pytest.raises(SchemaMismatch, match=rf"expected table 'pairs' v1, found 'evaluation' v{v}"):
+    with pytest.raises(SchemaMismatch, match=rf"expected table 'pairs' v{schemas.PAIRS.version}, found 'evaluation' v{v}"):
         check_version(table, schemas.PAIRS)
     with pytest.raises(SchemaMismatch, match=r"found '\?' v\?"):
         check_version(pa.Table.from_pylist([row()]), EVALUATION)
