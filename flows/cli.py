@@ -4,7 +4,8 @@
                                       synthetic clips, data refresh, LeanPO training, held-out accuracy
                                       before/after with 95% intervals, per question type
     leanpo run FLOW --config FILE     run a flow (data-refresh, train, pipeline) with its parameters from YAML/JSON
-    leanpo server [--port 4200]       the local Prefect server + UI (127.0.0.1) on this project's database
+    leanpo server [--port 4200]       the local Prefect server + UI (127.0.0.1) on this project's database; the UI
+                                      calls the API on the same address and port (--host: see `leanpo server -h`)
     leanpo serve [--config FILE]      serve the deployments in this process: nightly data refresh, retrain on new
                                       pairs (event leanpo.pairs.published), manual pipeline
     leanpo inspect URI [--rows 5]     schema, row count and first rows of any table the pipeline wrote (local or s3://)
@@ -26,8 +27,10 @@ S3 locations use the endpoint in LEANPO_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) an
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -151,13 +154,54 @@ def run_flow(name: str, config: str) -> dict:
     return flow_obj(**parameters)
 
 
-def start_server(port: int) -> int:
-    """`prefect server start` on 127.0.0.1 with this project's PREFECT_HOME, in the foreground (Ctrl-C stops)."""
-    prefect = Path(sys.executable).with_name("prefect")
-    print(f"Prefect UI at http://127.0.0.1:{port} (database in {os.environ['PREFECT_HOME']}); other shells: "
-          f"export PREFECT_API_URL=http://127.0.0.1:{port}/api", flush=True)
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name, resolved here: nothing is bound) names loopback addresses only."""
     try:
-        return subprocess.call([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(address).is_loopback for address in addresses)
+
+
+def remote_warning(host: str, port: int) -> str | None:
+    """None when `host` is loopback; otherwise the warning `leanpo server` prints before binding it."""
+    if is_loopback(host):
+        return None
+    return (f"serving on {host}:{port}, not loopback: the Prefect API has no authentication by default, so anyone who "
+            f"reaches that port can read every run and start flows (which run code on the workers). Put it behind "
+            f"a firewall or set PREFECT_SERVER_API_AUTH_STRING=user:password (basic auth; plain HTTP). Browsers on "
+            f"other machines need PREFECT_UI_API_URL=http://<this machine's address>:{port}/api")
+
+
+def server_url(host: str, port: int) -> str:
+    """Where a browser on this machine reaches a server bound to `host`: a wildcard address by loopback."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}"
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    return f"http://[{address}]:{port}" if address.version == 6 else f"http://{address}:{port}"
+
+
+def start_server(port: int, host: str = "127.0.0.1") -> int:
+    """`prefect server start` on `host`:`port` with this project's PREFECT_HOME, in the foreground (Ctrl-C stops)."""
+    prefect = Path(sys.executable).with_name("prefect")
+    url = server_url(host, port)
+    env = dict(os.environ)
+    # `prefect server start --port` only binds the port: the UI asks /ui-settings where the API is, and Prefect
+    # answers PREFECT_UI_API_URL, derived (when unset) from PREFECT_API_URL or PREFECT_SERVER_API_HOST/PORT,
+    # i.e. 127.0.0.1:4200, whatever --port says. One the user set (a proxy, a remote browser) is kept.
+    if not (env.get("PREFECT_UI_API_URL") or env.get("PREFECT_SERVER_UI_API_URL")):
+        env["PREFECT_UI_API_URL"] = f"{url}/api"
+    print(f"Prefect UI at {url} (database in {os.environ['PREFECT_HOME']}); other shells: "
+          f"export PREFECT_API_URL={url}/api", flush=True)
+    try:
+        return subprocess.call([str(prefect), "server", "start", "--host", host, "--port", str(port)], env=env)
     except KeyboardInterrupt:
         return 0
 
@@ -238,8 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", required=True, help="YAML/JSON mapping of the flow's parameters (stage configs "
                      "as nested mappings, e.g. sample: {model: /models/sft})")
 
-    server = commands.add_parser("server", help="start the local Prefect server and UI on 127.0.0.1")
+    server = commands.add_parser("server", help="start the local Prefect server and UI (127.0.0.1 by default)",
+                                 description="Prefect's server and UI on this project's database (PREFECT_HOME). "
+                                 "The UI calls the API on the same address and port (PREFECT_UI_API_URL, when set, "
+                                 "wins).")
     server.add_argument("--port", type=int, default=4200, help="port (default: 4200)")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: 127.0.0.1); anything but loopback needs --allow-remote")
+    server.add_argument("--allow-remote", action="store_true",
+                        help="allow a --host that is not loopback, with a warning: the Prefect API has no "
+                        "authentication by default, so anyone who reaches the port can read runs and start flows")
 
     served = commands.add_parser("serve", help="serve the deployments (schedules, retrain trigger) in-process")
     served.add_argument("--config", help="YAML/JSON with a section of parameters per flow: data-refresh, train, "
@@ -268,9 +320,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"leanpo inspect: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "server":
+        warning = remote_warning(args.host, args.port)
+        if warning and not args.allow_remote:
+            server.error(f"--host {args.host} is not a loopback address: anyone who reaches the port could run "
+                         f"flows (the Prefect API has no authentication by default); pass --allow-remote to bind it "
+                         f"anyway")
+        if warning:
+            print(f"leanpo server: WARNING: {warning}", file=sys.stderr, flush=True)
     prefect_environment()
     if args.command == "server":
-        return start_server(args.port)
+        return start_server(args.port, args.host)
     from leanpo_core.config import ConfigError
 
     if args.command in ("run", "serve"):

@@ -1,4 +1,5 @@
-"""The Prefect UI of the test server, rendered by headless Chromium: deployments, the data-refresh run, its artifacts.
+"""The Prefect UI of the test server, rendered by headless Chromium: deployments, the data-refresh run, its artifacts;
+and the UI of `leanpo server` on a port other than 4200, which must call its own API, not one on 4200.
 
 The UI is a JavaScript app served by the Prefect server: each page is loaded in Debian's `chromium`
 (`--headless --dump-dom --screenshot`), given virtual time to fetch from the API and render, and the rendered DOM is
@@ -8,13 +9,22 @@ chromium for the CPU target; without it these tests fail, they never skip.
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import uuid
+from pathlib import Path
 
+import httpx
 import pytest
 
+from flows import cli
+from tests.flows.conftest import free_port, stop, wait_healthy
 from tests.flows.test_deployments import DEPLOYMENTS
+
+LEANPO = str(Path(sys.executable).with_name("leanpo"))  # the installed entry point
 
 
 def chromium() -> str:
@@ -72,3 +82,68 @@ def test_flow_run_artifacts_render(prefect_stack, refresh_run, shots):
     for column in ("pairs-sample", "pair_id", "prompt", "chosen", "rejected"):
         assert column in text, f"{column!r} not on the pairs-sample artifact page (see {shots / 'pairs-sample.png'})"
     assert json.loads(first_rows["data"])[0]["pair_id"] in text  # a row, not only the header
+
+
+def test_leanpo_server_ui_calls_its_own_port(tmp_path, shots):
+    """`leanpo server --port P` (P not 4200): the UI's settings name P, and a flow run that exists only in this
+    server's fresh database renders on its page, so the browser reached the API on P (a server on 4200, if any, has
+    another database: the name could not render from there)."""
+    port = free_port()
+    assert port != 4200
+    url = f"http://127.0.0.1:{port}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = tmp_path / "server.log"
+    with open(log, "ab") as out:
+        server = subprocess.Popen([LEANPO, "server", "--port", str(port)], cwd=tmp_path, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_healthy(url, server, log)
+        assert httpx.get(f"{url}/ui-settings", timeout=30).json()["api_url"] == f"{url}/api"
+        with httpx.Client(base_url=f"{url}/api", timeout=60) as api:
+            flow = api.post("/flows/", json={"name": "port-check"}).raise_for_status().json()
+            name = f"port-{port}-{uuid.uuid4().hex[:8]}"
+            run = api.post("/flow_runs/", json={"flow_id": flow["id"], "name": name, "state": {
+                "type": "COMPLETED", "name": "Completed"}}).raise_for_status().json()
+        text = words(render(f"{url}/runs/flow-run/{run['id']}", shots / "own-port-flow-run.png"))
+        assert "Can't connect" not in text, f"the UI did not reach its API (see {shots / 'own-port-flow-run.png'})"
+        assert name in text and "Completed" in text, f"{name!r} not on its page (see {shots / 'own-port-flow-run.png'})"
+    finally:
+        stop(server)
+
+
+def test_server_binds_only_loopback_unless_allowed(monkeypatch, capsys):
+    """A host that is not loopback: exit 2 naming --allow-remote, or with it a warning, then the server. Nothing is
+    bound: the server itself is replaced."""
+    started = []
+    monkeypatch.setattr(cli, "start_server", lambda port, host: started.append((host, port)) or 0)
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["server", "--host", "0.0.0.0", "--port", "4377"])
+    assert refused.value.code == 2 and not started
+    assert "--allow-remote" in capsys.readouterr().err
+    assert cli.main(["server", "--host", "0.0.0.0", "--port", "4377", "--allow-remote"]) == 0
+    assert started == [("0.0.0.0", 4377)] and "WARNING" in capsys.readouterr().err
+    assert cli.main(["server", "--host", "localhost"]) == 0
+    assert started[-1] == ("localhost", 4200) and capsys.readouterr().err == ""
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert cli.remote_warning(host, 4200) is None
+    for host in ("0.0.0.0", "::", "192.0.2.1"):
+        assert "no authentication" in cli.remote_warning(host, 4200)
+
+
+def test_server_tells_the_ui_its_own_host_and_port(monkeypatch):
+    """The `prefect server start` child gets PREFECT_UI_API_URL on the same host and port (4200 by default; a
+    wildcard host by loopback), unless the user set one."""
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    monkeypatch.delenv("PREFECT_UI_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_UI_API_URL", raising=False)
+    cli.start_server(4200)
+    cli.start_server(4377, "0.0.0.0")
+    monkeypatch.setenv("PREFECT_UI_API_URL", "https://prefect.example/api")
+    cli.start_server(4377)
+    assert [command[-4:] for command, _ in calls] == [["--host", "127.0.0.1", "--port", "4200"],
+                                                       ["--host", "0.0.0.0", "--port", "4377"],
+                                                       ["--host", "127.0.0.1", "--port", "4377"]]
+    assert [env["PREFECT_UI_API_URL"] for _, env in calls] == [
+        "http://127.0.0.1:4200/api", "http://127.0.0.1:4377/api", "https://prefect.example/api"]
