@@ -21,6 +21,11 @@ database for the duration of the command; PREFECT_API_URL, when set, always wins
 `prefect deploy --all`: runs then go to a work pool, and a `prefect worker` on the GPU host executes them, which is
 how several machines share the work.
 
+The console shows one line per stage (rows written, time) plus Prefect's task states; what the stage processes
+print (vLLM, transformers, DeepSpeed ranks) goes to the task run's log in the Prefect UI and to the log file
+(`leanpo demo`: <workdir>/leanpo.log; `--log-file` for the others). `--verbose` puts it all on the console too and
+lets transformers' progress bars and vLLM's INFO lines through (LEANPO_VERBOSE=1 does the same).
+
 S3 locations use the endpoint in LEANPO_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) and credentials from the environment.
 """
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -36,6 +42,8 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+
+from leanpo_core.launch import VERBOSE_ENV, child_environment
 
 FLOWS = {"data-refresh": ("flows.data_refresh", "data_refresh"), "train": ("flows.train", "train_flow"),
          "pipeline": ("flows.pipeline", "pipeline")}
@@ -86,6 +94,26 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(os.environ["PREFECT_HOME"]) / "storage"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.update(child_environment())  # quiet third-party bars in this process too, unless verbose
+
+
+def attach_log_file(path: str | Path) -> Path:
+    """Every log line of this process (Prefect's, the tasks', the stage children's) also appended to `path`."""
+    from prefect.logging import configuration
+    from prefect.logging.formatters import PrefectFormatter
+
+    if not configuration.PROCESS_LOGGING_CONFIG:  # Prefect's first: seeing a handler on the root already, it
+        configuration.setup_logging()             # would leave the root, and so its console, unconfigured
+
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(PrefectFormatter(
+        format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s",
+        flow_run_fmt="%(asctime)s | %(levelname)-7s | Flow run %(flow_run_name)r - %(message)s",
+        task_run_fmt="%(asctime)s | %(levelname)-7s | Task run %(task_run_name)r - %(message)s"))
+    logging.getLogger().addHandler(handler)  # Prefect's run loggers propagate to the root
+    return path
 
 
 def use_local_server(port: int = 4200) -> None:
@@ -277,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-test-questions", type=int, default=0, metavar="N",
                       help="evaluate on the first N questions of the test split (default 0: all)")
 
+    demo.add_argument("--log-file", metavar="PATH",
+                      help="where every log line goes, the stage processes' included (default: WORKDIR/leanpo.log)")
+
     run = commands.add_parser("run", help="run a flow with its parameters from a YAML/JSON file")
     run.add_argument("flow", choices=sorted(FLOWS), help="which flow")
     run.add_argument("--config", required=True, help="YAML/JSON mapping of the flow's parameters (stage configs "
                      "as nested mappings, e.g. sample: {model: /models/sft})")
+    run.add_argument("--log-file", metavar="PATH", help="also append every log line, the stage processes' "
+                     "included, to this file (they always reach the Prefect UI)")
 
     server = commands.add_parser("server", help="start the local Prefect server and UI (127.0.0.1 by default)",
                                  description="Prefect's server and UI on this project's database (PREFECT_HOME). "
@@ -296,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     served = commands.add_parser("serve", help="serve the deployments (schedules, retrain trigger) in-process")
     served.add_argument("--config", help="YAML/JSON with a section of parameters per flow: data-refresh, train, "
                         "pipeline (the nightly schedule needs the data-refresh section)")
+    for command in (demo, run, served):
+        command.add_argument("--verbose", action="store_true",
+                             help="every stage process line on the console too, with third-party progress bars "
+                             "and vLLM's INFO lines (default: one line per stage; the rest in the log and the UI)")
 
     inspect = commands.add_parser("inspect", help="show a Parquet table's schema, row count and first rows")
     inspect.add_argument("uri", help="table location: a local path or s3://bucket/key")
@@ -328,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"anyway")
         if warning:
             print(f"leanpo server: WARNING: {warning}", file=sys.stderr, flush=True)
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"
     prefect_environment()
     if args.command == "server":
         return start_server(args.port, args.host)
@@ -336,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "serve"):
         use_local_server()
     try:
+        if args.command in ("run", "demo") and (args.log_file or args.command == "demo"):
+            path = attach_log_file(args.log_file or Path(args.workdir) / "leanpo.log")
+            print(f"leanpo {args.command}: full log in {path}", flush=True)
         if args.command == "run":
             result = run_flow(args.flow, args.config)
             print(json.dumps(result, indent=2, default=str))

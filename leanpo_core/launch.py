@@ -33,6 +33,29 @@ _DETERMINISTIC_CODES = (2, EXIT_BAD_INPUT)  # 2: argparse's usage error
 LAUNCHERS = ("python", "torchrun", "deepspeed")
 
 # A rank's line as torchrun --tee prints it: "[default1]:text" (role name + local rank).
+# Third-party chatter a stage child keeps to itself unless LEANPO_VERBOSE=1 (`leanpo --verbose`): transformers'
+# "Loading weights" bars (dozens per stage, each relayed line by line), its advisory warnings, vLLM's INFO lines.
+# Errors and warnings still come through; a value the user set wins. The trainer's own step bar is plain tqdm,
+# which these leave on: the train task turns it into the run's progress artifact.
+VERBOSE_ENV = "LEANPO_VERBOSE"
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+def verbose() -> bool:
+    """Whether stage children (and the console) get every third-party line: LEANPO_VERBOSE=1."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def child_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) with QUIET_ENV filled in where unset, unless `verbose()`."""
+    env = dict(os.environ if env is None else env)
+    if not verbose():
+        for name, value in QUIET_ENV.items():
+            env.setdefault(name, value)
+    return env
+
+
 _RANK_LINE = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")
 # torchrun's failure summary: "rank      : 1 (local_rank: 1)" then "exitcode  : -9 (pid: 123)".
 _TORCHRUN_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank")
@@ -135,7 +158,7 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Non
     launcher_lines: collections.deque[str] = collections.deque(maxlen=400)  # unprefixed: the failure report
     # The child lives in its own session (so its whole group can be killed), which also cuts it loose from ours:
     # `stage_entry` in the child and in every rank watches this process and kills its group when it is gone.
-    env = {"PYTHONUNBUFFERED": "1", **(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+    env = {"PYTHONUNBUFFERED": "1", **child_environment(env), PARENT_PID_ENV: str(os.getpid())}
     proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
                             start_new_session=True)

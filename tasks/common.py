@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,11 +16,14 @@ from prefect.artifacts import (create_link_artifact, create_progress_artifact, c
                                update_progress_artifact)
 from prefect.cache_policies import CachePolicy
 from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+from prefect.logging.loggers import PrefectLogAdapter
 from prefect.tasks import exponential_backoff
 
 from leanpo_core import io, schemas
 from leanpo_core.config import ConfigError, StageConfig
-from leanpo_core.launch import LaunchError
+from leanpo_core.launch import LaunchError, verbose
 
 # Errors a retry cannot fix: the same input and config fail the same way again.
 DETERMINISTIC = (ConfigError, schemas.SchemaMismatch, ValueError, TypeError, KeyError)
@@ -196,8 +200,32 @@ def link(uri: str) -> str:
     return uri if "://" in uri else f"file://{Path(uri).resolve()}"
 
 
+OUTPUT_LOGGER = "prefect.task_runs.stage_output"
+
+
+def stage_output_logger() -> logging.LoggerAdapter:
+    """The running task's logger for a stage child's output lines (vLLM, transformers, DeepSpeed ranks).
+
+    They reach the task run's log in the Prefect UI and any log file attached to the root logger (`leanpo demo`
+    writes one into its workdir), but not the console, where a person reads one line per stage; with
+    LEANPO_VERBOSE=1 (`leanpo --verbose`) the console gets them too.
+    """
+    logger = logging.getLogger(OUTPUT_LOGGER)
+    logger.propagate = verbose()
+    if not logger.propagate:
+        sinks = logging.getLogger("prefect.task_runs").handlers + [
+            h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        logger.handlers = list(dict.fromkeys(sinks))
+    return PrefectLogAdapter(logger, extra=dict(get_run_logger().extra))
+
+
 def publish_table(manifest: io.Manifest, spec: schemas.TableSpec, rows: int = 10, key: str | None = None) -> None:
-    """A link to a written table and its first rows, as artifacts of the running task (keys per table name)."""
+    """A link to a written table and its first rows, as artifacts of the running task (keys per table name), and
+    the one console line a person reads for the stage: rows, where, how long the task took."""
+    context = TaskRunContext.get()
+    started = context.task_run.start_time if context and context.task_run.start_time else None
+    took = f" in {(time.time() - started.timestamp()):.0f} s" if started else ""
+    get_run_logger().info(f"{spec.name}: {manifest.rows} rows{took} -> {manifest.uri}")
     key = key or spec.name.replace("_", "-")
     create_link_artifact(key=f"{key}-table", link=link(manifest.uri), link_text=manifest.uri,
                          description=f"`{spec.name}` v{spec.version}: {manifest.rows} rows, sha256 "

@@ -22,15 +22,16 @@ from leanpo_core import io, schemas
 from leanpo_core.config import FramesConfig, PairsConfig, ReflectConfig, SampleConfig, StageConfig
 from leanpo_core.launch import run_module
 from leanpo_core.layout import RunLayout
-from tasks.common import RETRIES, ContentKey, Progress, gpu_slot, publish_table, write_config
+from tasks.common import (RETRIES, ContentKey, Progress, gpu_slot, publish_table, stage_output_logger,
+                          write_config)
 
 PAIRS_PUBLISHED = "leanpo.pairs.published"
 
 
 def _run_stage(module: str, config: StageConfig, args: list[str], timeout_s: float | None = None) -> None:
-    logger = get_run_logger()
+    output = stage_output_logger()
     with tempfile.TemporaryDirectory(prefix="leanpo-") as folder:
-        run_module(module, ["--config", write_config(config, folder), *args], timeout_s=timeout_s, log=logger.info)
+        run_module(module, ["--config", write_config(config, folder), *args], timeout_s=timeout_s, log=output.info)
 
 
 @task(name="ingest", cache_policy=ContentKey(files=lambda inputs: [inputs["manifest_uri"]]), **RETRIES)

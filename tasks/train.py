@@ -25,7 +25,8 @@ from prefect.tasks import exponential_backoff
 from leanpo_core import io, launch, schemas
 from leanpo_core.config import EvaluateConfig, TrainConfig
 from leanpo_core.layout import RunLayout
-from tasks.common import RETRIES, ContentKey, Progress, gpu_slot, link, publish_table, transient_only, write_config
+from tasks.common import (RETRIES, ContentKey, Progress, gpu_slot, link, publish_table, stage_output_logger,
+                          transient_only, write_config)
 
 Launcher = Literal["auto", "python", "torchrun", "deepspeed"]
 # One retry, after a minute: a lost rank or a killed host resumes from its checkpoint; a crash does not recur.
@@ -62,13 +63,15 @@ def train(config: TrainConfig, pairs: dict, frames: dict, output_dir: str, run_i
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     progress = Progress("train-progress", f"Training `{run_id}` ({config.objective}) on {pairs['rows']} pairs")
 
+    output = stage_output_logger()
+
     def log(line: str) -> None:
         steps = _TQDM.findall(line)
         if steps and ("it/s" in line or "s/it" in line):  # a progress-bar refresh: the artifact, not the log
             done, total = map(int, steps[-1])
             progress.update(done / max(total, 1))
         elif line.strip():
-            logger.info(line)
+            output.info(line)
 
     with tempfile.TemporaryDirectory(prefix="leanpo-") as folder:
         args = ["--config", write_config(config, folder), "--pairs", pairs["uri"], "--frames", frames["uri"],
@@ -123,7 +126,7 @@ def evaluate(trained: dict, config: EvaluateConfig, videos: dict, frames: dict, 
         args += ["--pairs", pairs["uri"]] if pairs else []
         args += ["--baseline", baseline] if baseline else []
         with gpu_slot():
-            launch.run_module("leanpo_core.evaluate", args, timeout_s=timeout_s, log=logger.info)
+            launch.run_module("leanpo_core.evaluate", args, timeout_s=timeout_s, log=stage_output_logger().info)
     manifest = io.read_manifest(out)
     publish_table(manifest, schemas.EVALUATION)
     publish_table(io.read_manifest(answers_uri(out)), schemas.ANSWERS)

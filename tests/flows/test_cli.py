@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -63,6 +64,16 @@ def test_demo_runs_the_pipeline_through_prefect(tmp_path):
     assert all(f"    {kind}" in out for kind in kinds) and "verdict:" in out and "video-blind baselines" in out
     assert "true answer in the winning reply" in out and "smoothing gate open on" in out
     assert (workdir / ".prefect" / "prefect.db").exists()  # kept for `leanpo server` to show the run
+    # A console for people: a line per stage with its rows and time; the stage processes' own lines (vLLM, the
+    # trainer) only in the log file, and third-party progress bars nowhere.
+    console, log = proc.stdout + proc.stderr, (workdir / "leanpo.log").read_text()
+    for table, rows in (("samples", samples.num_rows), ("scored", scored.num_rows), ("pairs", pairs.num_rows)):
+        assert f"{table}: {rows} rows in " in console and f"{table}: {rows} rows in " in log
+    assert f"full log in {workdir / 'leanpo.log'}" in console
+    trained = re.compile(r"trained \d+ step\(s\), final loss")  # the training process's own summary line
+    assert trained.search(log) and not trained.search(console)
+    assert "Loading weights" not in console + log and "Writing model shards" not in console + log
+    assert len(console.splitlines()) < 120, console
 
 
 def test_run_rejects_a_bad_config_naming_the_field(tmp_path):
