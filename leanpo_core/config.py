@@ -15,6 +15,8 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from leanpo_core.launch import BadInput
+
 
 MAX_TIMEOUT_S = 86400.0  # one day; the OS's wait calls overflow on timeouts near 1e9 s
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (transformers' set_seed) and vLLM take 32-bit seeds
@@ -225,7 +227,7 @@ class PipelineConfig(StageConfig):
 C = TypeVar("C", bound=StageConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config file or value is invalid; the message names the file and field."""
 
 

@@ -859,4 +859,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from leanpo_core.launch import stage_entry
+
+    stage_entry(main)

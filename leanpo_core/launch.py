@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
 # sysexits.h EX_DATAERR: the stage refused its input or config; a retry with the same input fails the same way.
@@ -288,14 +289,27 @@ def _die_with_launcher(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
 
 
-def stage_entry(main: Callable[[], Any], hard_exit: bool = False) -> None:
-    """Run a stage's CLI `main()`; a deterministic failure exits EXIT_BAD_INPUT with one line on stderr.
+# The one rule for "bad input, never retry", in a stage process (exit EXIT_BAD_INPUT) and in a Prefect task
+# (tasks.common.transient_only) alike: the same input and config fail the same way again. ValueError covers
+# ConfigError, SchemaMismatch, ManifestError and pydantic's ValidationError; FileNotFoundError a missing input (a
+# StorageError, an unreachable store, is an OSError but not this one: it is retried).
+DETERMINISTIC = (ValueError, TypeError, KeyError, FileNotFoundError)
 
-    Deterministic: an invalid config (ConfigError, pydantic's ValidationError), a table that does not match its
-    schema (SchemaMismatch), an invalid manifest (ManifestError) or a missing input (FileNotFoundError; a
-    StorageError, an unreachable store, is not one). Anything else propagates with its traceback (exit 1), and the
-    orchestrator may retry it. Every `python -m leanpo_core.<stage>` ends in this. Started by `run`, the stage (and
-    each rank) also stops its whole process group when the launching process is gone.
+
+class BadInput(ValueError):
+    """Input or config that is wrong as given (ConfigError, SchemaMismatch, ManifestError derive from it): a stage
+    says so in one line, without a traceback, and exits EXIT_BAD_INPUT; nothing retries it."""
+
+
+def stage_entry(main: Callable[[], Any], hard_exit: bool = False) -> None:
+    """Run a stage's CLI `main()`; a deterministic failure (DETERMINISTIC) exits EXIT_BAD_INPUT.
+
+    An invalid config (ConfigError, pydantic's ValidationError), a table that does not match its schema
+    (SchemaMismatch), an invalid manifest (ManifestError) or a missing input (FileNotFoundError) is told in one line
+    on stderr; another deterministic error (a ValueError such as "no kept pairs", a TypeError) keeps its traceback.
+    Anything else propagates with its traceback (exit 1), and the orchestrator may retry it. Every
+    `python -m leanpo_core.<stage>` ends in this. Started by `run`, the stage (and each rank) also stops its whole
+    process group when the launching process is gone.
 
     hard_exit: after a successful `main()`, flush stdout/stderr and end with `os._exit(0)`, skipping interpreter
     teardown. For stages whose every output is already committed (io's fsync + rename) when `main` returns and that
@@ -304,10 +318,6 @@ def stage_entry(main: Callable[[], Any], hard_exit: bool = False) -> None:
     """
     from pydantic import ValidationError
 
-    from leanpo_core.config import ConfigError
-    from leanpo_core.schemas import SchemaMismatch
-    from leanpo_core.videos import ManifestError
-
     _die_with_launcher()
     try:
         main()
@@ -315,7 +325,9 @@ def stage_entry(main: Callable[[], Any], hard_exit: bool = False) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
-    except (ConfigError, SchemaMismatch, ManifestError, ValidationError, FileNotFoundError) as exc:
+    except DETERMINISTIC as exc:
+        if not isinstance(exc, (BadInput, ValidationError, FileNotFoundError)):
+            traceback.print_exc()
         text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         stage = spec.name if spec else os.path.basename(sys.argv[0])

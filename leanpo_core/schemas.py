@@ -16,11 +16,13 @@ from typing import Iterable, Mapping
 
 import pyarrow as pa
 
+from leanpo_core.launch import BadInput
+
 TABLE_KEY = b"leanpo.table"
 VERSION_KEY = b"leanpo.schema_version"
 
 
-class SchemaMismatch(ValueError):
+class SchemaMismatch(BadInput):
     """A table does not match its declared schema (missing, extra or mistyped column, or another version)."""
 
 

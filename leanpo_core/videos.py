@@ -27,6 +27,7 @@ import posixpath
 from typing import Any
 
 from leanpo_core import io, schemas
+from leanpo_core.launch import BadInput
 from leanpo_core.prompts import CONTROL_TOKEN
 
 REQUIRED = ("id", "video", "question", "answer")
@@ -38,7 +39,7 @@ _MAX_LISTED = 20
 _TEXT_COLUMNS = ("question", "answer", "chosen", "rejected")
 
 
-class ManifestError(ValueError):
+class ManifestError(BadInput):
     """The manifest is invalid; the message lists every problem with its row and column."""
 
 
@@ -229,14 +230,13 @@ def main(argv: list[str] | None = None) -> io.Manifest:
     parser.add_argument("--root", action="append", default=[], help="another allowed root for absolute paths or "
                         "s3:// URIs (repeatable)")
     args = parser.parse_args(argv)
-    try:
-        rows = read_videos(args.manifest, video_root=args.video_root, roots=args.root)
-    except ManifestError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    rows = read_videos(args.manifest, video_root=args.video_root, roots=args.root)  # ManifestError: exit 65
     manifest = write_videos(rows, args.out)
     print(json.dumps(manifest.to_dict(), indent=2))
     return manifest
 
 
 if __name__ == "__main__":
-    main()
+    from leanpo_core.launch import stage_entry
+
+    stage_entry(main)

@@ -22,15 +22,13 @@ from prefect.logging.loggers import PrefectLogAdapter
 from prefect.tasks import exponential_backoff
 
 from leanpo_core import io, schemas
-from leanpo_core.config import ConfigError, StageConfig
-from leanpo_core.launch import LaunchError, verbose
-
-# Errors a retry cannot fix: the same input and config fail the same way again.
-DETERMINISTIC = (ConfigError, schemas.SchemaMismatch, ValueError, TypeError, KeyError)
+from leanpo_core.config import StageConfig
+from leanpo_core.launch import DETERMINISTIC, LaunchError, verbose
 
 
 def transient_only(task, task_run, state) -> bool:
-    """Prefect retry condition: retry I/O, storage and engine-start failures, never a deterministic error.
+    """Prefect retry condition: retry I/O, storage and engine-start failures, never a deterministic error
+    (`launch.DETERMINISTIC`: the rule a stage process exits EXIT_BAD_INPUT by).
 
     A launched child that failed deterministically (LaunchError.deterministic: e.g. a Python exception with the
     same input would raise again) is not retried; one killed by a signal, a lost rank or a timeout is.

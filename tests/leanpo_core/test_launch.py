@@ -94,6 +94,14 @@ def test_stage_bad_input_is_deterministic_and_other_failures_are_not(tmp_path):
             log=lambda _: None)
     assert err.value.returncode == 2 and err.value.deterministic
 
+    # Any other deterministic error (launch.DETERMINISTIC, the rule Prefect's retry condition reads too) exits 65
+    # with its traceback: "no kept pairs" from a training child is not retried, as it is not in-process.
+    same_again = "from leanpo_core.launch import stage_entry\ndef main(): raise ValueError('no kept pairs')\n"
+    lines = []
+    with pytest.raises(LaunchError) as err:
+        run([sys.executable, "-c", same_again + "stage_entry(main)"], log=lines.append)
+    assert err.value.returncode == EXIT_BAD_INPUT and err.value.deterministic
+    assert any("Traceback" in line for line in lines) and "bad input: ValueError: no kept pairs" in lines[-1]
     transient = "from leanpo_core.launch import stage_entry\ndef main(): raise ConnectionError('reset by peer')\n"
     with pytest.raises(LaunchError) as err:
         run([sys.executable, "-c", transient + "stage_entry(main)"], log=lambda _: None)

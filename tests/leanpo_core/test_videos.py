@@ -2,12 +2,15 @@
 validation error, each naming its row and column."""
 
 import json
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from leanpo_core import io, schemas
+from leanpo_core.launch import EXIT_BAD_INPUT
 from leanpo_core.videos import ManifestError, main, read_videos, resolve_video, write_videos
 
 ROWS = [
@@ -138,5 +141,11 @@ def test_cli_validates_and_writes(tmp_path, capsys):
     manifest = main([str(path), "--out", str(tmp_path / "out" / "videos.parquet")])
     assert manifest.rows == 3 and json.loads(capsys.readouterr().out)["rows"] == 3
     (tmp_path / "bad.jsonl").write_bytes(_jsonl_bytes([GOOD, GOOD]))
-    with pytest.raises(SystemExit, match="duplicate id"):
+    with pytest.raises(ManifestError, match="duplicate id"):
         main([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "bad.parquet")])
+    # As a process: the one bad-input rule of every stage (launch.stage_entry), one line naming the problem, exit 65.
+    proc = subprocess.run([sys.executable, "-m", "leanpo_core.videos", str(tmp_path / "bad.jsonl"), "--out",
+                           str(tmp_path / "bad.parquet")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_BAD_INPUT and "Traceback" not in proc.stderr
+    assert "leanpo_core.videos: bad input: ManifestError" in proc.stderr and "duplicate id" in proc.stderr
+    assert not (tmp_path / "bad.parquet").exists()
