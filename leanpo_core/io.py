@@ -6,8 +6,11 @@ and `s3://bucket/run1/pairs.parquet` behave the same). Guarantees:
 - A reader sees the previous version or the new one, never a half-written table, even if the writer is SIGKILLed:
   locally we write a hidden temporary file in the target folder, fsync it and `os.replace` it; on S3 one PUT (or one
   multipart upload) becomes visible only when it completes.
-- Every table gets a sidecar `<uri>.manifest.json` (row count, schema version, sha256 of the Parquet bytes), written
-  after the table, so a manifest never describes bytes that are not there yet.
+- Every table `<folder>/<name>` gets a sidecar `<folder>/_<name>.manifest.json` (row count, schema version, sha256
+  of the Parquet bytes), written after the table, so a manifest never describes bytes that are not there yet.
+  Parquet readers skip names that start with `_` or `.` (the Hive and Spark convention, pyarrow.dataset's default),
+  so a table's folder, manifests and our temporaries included, opens as it is in pandas, pyarrow, polars and duckdb
+  (README.md shows how). Manifests of the older `<uri>.manifest.json` layout are still read.
 - The S3 endpoint comes from `StorageOptions` or the environment (`LEANPO_S3_ENDPOINT_URL`, then `AWS_ENDPOINT_URL`);
   credentials only from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (/ `AWS_SESSION_TOKEN`) or explicit options,
   never from config files or instance metadata, and they never appear in an error message.
@@ -247,7 +250,7 @@ def write_table(data: pa.Table | Iterable[Mapping], uri: str, spec: schemas.Tabl
     _put_atomic(uri, payload, options)
     manifest = Manifest(uri=uri, table=spec.name, rows=table_rows, schema_version=spec.version,
                         content_hash=hashlib.sha256(payload).hexdigest(), bytes=payload.size)
-    _put_atomic(uri + MANIFEST_SUFFIX, json.dumps(manifest.to_dict(), indent=2).encode(), options)
+    _put_atomic(manifest_uri(uri), json.dumps(manifest.to_dict(), indent=2).encode(), options)
     return manifest
 
 
@@ -265,13 +268,28 @@ def read_any(uri: str, options: StorageOptions | None = None) -> tuple[pa.Table,
     return (schemas.check_version(table, spec), spec) if spec else (table, None)
 
 
+def manifest_uri(uri: str) -> str:
+    """The URI of the sidecar manifest of the table at `uri` (`run/pairs.parquet` -> `run/_pairs.parquet.manifest.json`,
+    the same for s3:// URIs); the `_` makes Parquet readers that open the table's folder skip it."""
+    folder, sep, name = uri.rpartition("/")
+    return f"{folder}{sep}_{name}{MANIFEST_SUFFIX}"
+
+
 def read_manifest(uri: str, options: StorageOptions | None = None) -> Manifest:
     """Read the manifest of the table at `uri` (pass the table's URI, not the sidecar's).
 
     The table is written before its manifest, so a writer killed in between leaves the previous manifest: compare
-    `content_hash` against the table's bytes where that matters.
+    `content_hash` against the table's bytes where that matters. A table stored before manifests took their `_`
+    prefix has its manifest at `<uri>.manifest.json`, read when `manifest_uri(uri)` does not exist.
     """
-    return Manifest.from_dict(json.loads(read_bytes(uri + MANIFEST_SUFFIX, options)))
+    try:
+        data = read_bytes(manifest_uri(uri), options)
+    except FileNotFoundError as missing:
+        try:
+            data = read_bytes(uri + MANIFEST_SUFFIX, options)
+        except FileNotFoundError:
+            raise missing from None
+    return Manifest.from_dict(json.loads(data))
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
@@ -288,14 +306,15 @@ def join_uri(root: str, *parts: str) -> str:
 
 
 def list_uris(prefix: str, options: StorageOptions | None = None) -> list[str]:
-    """URIs of every stored file below `prefix` (a folder), sorted; temporaries and manifests are left out."""
+    """URIs of every stored file below `prefix` (a folder), sorted; names starting with `_` or `.` (manifests,
+    temporaries) are left out, as are manifests of the older `<uri>.manifest.json` layout."""
     fs, path = filesystem(prefix, options)
     with storage_errors("list", prefix, options, missing_ok=True):
         found = fs.find(path)  # a missing prefix lists as empty; a table's own URI lists as itself
     uris = []
     for name in found:
         relative = name[len(path):].lstrip("/")
-        if relative.endswith(MANIFEST_SUFFIX) or any(p.startswith(".") for p in relative.split("/")):
+        if relative.endswith(MANIFEST_SUFFIX) or any(p.startswith(("_", ".")) for p in relative.split("/")):
             continue
         uris.append(join_uri(prefix, relative))
     return sorted(uris)

@@ -25,6 +25,7 @@ from flows.pipeline import pipeline
 from leanpo_core import io, schemas, synthetic, toy
 from leanpo_core.layout import RunLayout
 from tasks.data import PAIRS_PUBLISHED
+from tests.leanpo_core.test_io import assert_every_reader_counts
 
 STAGES = ("ingest", "frames", "sample", "reflect", "pairs", "train", "evaluate")
 
@@ -121,11 +122,16 @@ def test_pipeline_writes_every_table_and_publishes_the_model(first_run, paramete
     assert trained["output_dir"].startswith(parameters["work_dir"])  # trained in the scratch folder ...
     record = trained["published"]  # ... and published to the run root
     assert Path(record["model"], "config.json").exists() and Path(record["plot"]).exists()
-    assert io.read_table(record["metrics"], schemas.TRAIN_METRICS).num_rows == 2
+    metrics = io.read_table(record["metrics"], schemas.TRAIN_METRICS)
+    assert metrics.num_rows == io.read_manifest(record["metrics"]).rows == 2  # its manifest was published as well
     evaluation = io.read_table(layout.evaluation(trained["run_id"]), schemas.EVALUATION).to_pylist()
     models = {row["model"] for row in evaluation}
     assert models == {trained["model"], parameters["train"]["model"]}  # trained vs the model it started from
     assert result["model"] == trained["model"]
+    sharded = sorted({str(p.parent) for p in Path(parameters["root"]).rglob("part-*.parquet")})
+    assert {Path(folder).name for folder in sharded} >= {"frames", "samples", "scored"}  # and failures/<stage>
+    for folder in sharded:
+        assert_every_reader_counts(folder)
 
 
 def test_artifacts_tables_reports_and_progress(first_run):

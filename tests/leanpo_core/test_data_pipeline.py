@@ -68,6 +68,6 @@ def test_four_stages_on_s3_with_synthetic_and_real_clips(tmp_path, s3_root, s3_s
     for pair in pairs.to_pylist():  # defaults: trust filter on, no score margin -> kept iff the SFT model agrees
         trusted = pair["chosen_sft_logp"] > pair["rejected_sft_logp"]
         assert pair["kept"] == trusted and pair["drop_reason"] == (None if trusted else "untrustworthy")
-    manifests = [json.loads(fs.cat_file(u.removeprefix("s3://") + io.MANIFEST_SUFFIX))
+    manifests = [json.loads(fs.cat_file(io.manifest_uri(u).removeprefix("s3://")))
                  for u in io.shard_uris(layout.frames).values()]
     assert all(m["table"] == "frames" and m["schema_version"] == 1 for m in manifests)

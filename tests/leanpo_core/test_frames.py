@@ -211,7 +211,7 @@ def test_stage_end_to_end_deterministic_and_resumable(dataset, tmp_path):
     assert (resumed.skipped_shards, resumed.decoded, _hashes(resumed)) == (3, 0, _hashes(first))
 
     # A crash after shard 1's table but before its manifest: only that shard is redone, to the same bytes.
-    os.remove(io.shard_uri(str(tmp_path / "frames"), 1) + io.MANIFEST_SUFFIX)
+    os.remove(io.manifest_uri(io.shard_uri(str(tmp_path / "frames"), 1)))
     redone = run_frames(videos, str(tmp_path / "frames"), str(tmp_path / "failures"), SMALL, progress=False)
     assert (redone.skipped_shards, redone.decoded, _hashes(redone)) == (2, 3, _hashes(first))
 

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,11 +184,84 @@ def test_shards_read_back_in_shard_order(root):
     fs, path = io.filesystem(shards)
     fs.pipe_file(f"{path}/.part-00005.parquet.0123.tmp", b"half a table")  # a killed writer's leftover
     fs.pipe_file(f"{path}/notes.txt", b"not a shard")
+    fs.pipe_file(f"{path}/_SUCCESS", b"")  # another tool's marker: `_` names are nobody's data
     table = io.read_dataset(shards, spec)
     tags = table.column("run_id").to_pylist()
     assert tags == [f"shard{i}" for i in (0, 1, 1, 2, 2, 2) + (10,) * 11]
     assert io.list_uris(shards) == sorted([*(io.shard_uri(shards, i) for i in (0, 1, 2, 10)),
                                            io.join_uri(shards, "notes.txt")])
+
+
+def test_manifest_uri_sits_beside_the_table_behind_an_underscore():
+    assert io.manifest_uri("/data/run/frames/part-00001.parquet") == (
+        "/data/run/frames/_part-00001.parquet.manifest.json")
+    assert io.manifest_uri("s3://bucket/a/b.parquet") == "s3://bucket/a/_b.parquet.manifest.json"
+    assert io.manifest_uri("pairs.parquet") == "_pairs.parquet.manifest.json"
+
+
+def assert_every_reader_counts(folder: str) -> int:
+    """pyarrow.dataset, pandas, polars and duckdb open the table folder `folder` (local or s3://) as it is, sidecar
+    manifests and leftovers included, and each counts the rows that the folder's manifests promise (returned).
+
+    The forms are README.md's. Given a bare S3 prefix, polars and duckdb look for an object of that name, so there
+    only their `*.parquet` form is checked; duckdb reaches S3 through our fsspec client, as its own S3 client is an
+    extension it would download.
+    """
+    import duckdb
+    import pandas
+    import polars
+    import pyarrow.dataset as ds
+
+    expected = sum(io.read_manifest(uri).rows for uri in io.list_uris(folder) if uri.endswith(".parquet"))
+    local, files = "://" not in folder, io.join_uri(folder, "*.parquet")
+    duck = duckdb.connect()
+    if not local:
+        duck.register_filesystem(io.filesystem(folder)[0])
+    counts = {"pyarrow.dataset": ds.dataset(folder).count_rows(),
+              "pandas": len(pandas.read_parquet(folder)),
+              "polars *.parquet": polars.scan_parquet(files).select(polars.len()).collect().item(),
+              "duckdb *.parquet": duck.sql(f"select count(*) from read_parquet('{files}')").fetchone()[0]}
+    if local:
+        counts["polars folder"] = polars.scan_parquet(folder, hidden_file_prefix=["_", "."]).select(
+            polars.len()).collect().item()
+        counts["duckdb folder"] = duck.sql(f"select count(*) from read_parquet('{folder}')").fetchone()[0]
+    assert counts == dict.fromkeys(counts, expected), f"{folder}: manifests say {expected} rows"
+    return expected
+
+
+def test_table_folders_open_in_pandas_pyarrow_polars_and_duckdb(root):
+    """A sharded table (an empty shard among them, as a stage whose items all failed writes) and a single table
+    each open as a folder, beside their manifests, a killed writer's temporary and a Spark-style `_SUCCESS`."""
+    spec = schemas.SAMPLES
+    shards, single = io.join_uri(root, "samples"), io.join_uri(root, "pairs")
+    for index, n in enumerate((3, 0, 4)):
+        io.write_shard(sample_rows(spec, n), shards, spec, index)
+    io.write_table(sample_rows(schemas.PAIRS, 2), io.join_uri(single, "pairs.parquet"), schemas.PAIRS)
+    fs, path = io.filesystem(shards)
+    fs.pipe_file(f"{path}/.part-00003.parquet.0123.tmp", b"half a table")
+    fs.pipe_file(f"{path}/_SUCCESS", b"")
+    assert assert_every_reader_counts(shards) == io.dataset_manifest(shards, spec).rows == 7
+    assert assert_every_reader_counts(single) == 2
+
+
+def test_tables_with_the_older_manifest_name_are_still_read(root):
+    """Manifests used to sit at `<uri>.manifest.json`: such shards still count as done (a stage's resume check is
+    `read_manifest`) and list as before, and a shard written again gets a manifest at the new name, which is read
+    before the stale one."""
+    spec, shards = schemas.EVALUATION, io.join_uri(root, "evaluation")
+    written = [io.write_shard(evaluation_rows(f"shard{i}", i + 2), shards, spec, i) for i in range(3)]
+    fs, _ = io.filesystem(root)
+    for manifest in written:
+        fs.mv(io.filesystem(io.manifest_uri(manifest.uri))[1], io.filesystem(manifest.uri + ".manifest.json")[1])
+    assert [io.read_manifest(m.uri) for m in written] == written
+    assert io.dataset_manifest(shards, spec).rows == 2 + 3 + 4
+    assert io.shard_uris(shards) == dict(enumerate(m.uri for m in written))
+    assert io.list_uris(shards) == [m.uri for m in written]
+    rewritten = io.write_shard(evaluation_rows("again", 7), shards, spec, 1)
+    assert io.read_manifest(rewritten.uri) == rewritten and io.dataset_manifest(shards, spec).rows == 2 + 7 + 4
+    fs.rm(io.filesystem(written[2].uri + ".manifest.json")[1])
+    with pytest.raises(FileNotFoundError, match=re.escape(io.manifest_uri(written[2].uri))):
+        io.read_manifest(written[2].uri)  # no manifest at all: the error names where it should be
 
 
 # The writer stalls right where the bytes exist but are not yet published, then waits for its SIGKILL.

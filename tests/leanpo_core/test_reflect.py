@@ -215,7 +215,7 @@ def test_resume_skips_done_shards_and_redoes_changed_ones(tmp_path, toy_dirs, vi
     monkeypatch.setattr(reflect, "load_scorer", lambda *a: pytest.fail("a done run must load no model"))
     assert run(layout, config, toy_dirs["qwen2_vl"]) == first
     # killed after writing shard 1 but before its manifest: only shard 1 is redone, no row is duplicated
-    os.remove(io.shard_uri(layout.scored, 1) + io.MANIFEST_SUFFIX)
+    os.remove(io.manifest_uri(io.shard_uri(layout.scored, 1)))
     calls = []
     monkeypatch.setattr(reflect, "load_scorer", lambda *a: calls.append(1) or real_loader(*a))
     assert run(layout, config, toy_dirs["qwen2_vl"]) == first and calls == [1]

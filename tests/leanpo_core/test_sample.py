@@ -202,7 +202,7 @@ def test_vllm_cli_on_s3_resumes_and_reproduces(s3_root, tmp_path, video, toy_dir
     failures = io.read_dataset(out + "-failures", schemas.FAILURES).to_pylist()
     assert [(f["id"], f["stage"]) for f in failures] == [("q4", "sample")]
 
-    fs, path = io.filesystem(io.shard_uri(out, 1) + io.MANIFEST_SUFFIX)
+    fs, path = io.filesystem(io.manifest_uri(io.shard_uri(out, 1)))
     fs.rm(path)
     second = cli()
     assert (second["rows"], second["skipped"]) == (4, 1)

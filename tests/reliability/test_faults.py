@@ -79,7 +79,7 @@ class ShardReader(threading.Thread):
             self.stop.wait(0.05)
 
 
-@pytest.mark.parametrize("target", ["part-00001.parquet", "part-00001.parquet.manifest.json"])
+@pytest.mark.parametrize("target", ["part-00001.parquet", io.manifest_uri("part-00001.parquet")])
 def test_s3_server_killed_mid_write_then_retry_completes(videos, reference, s3_server, s3_root, monkeypatch, target):
     frames_uri, failures_uri = f"{s3_root}/frames", f"{s3_root}/failures"
     real_call = s3fs.S3FileSystem._call_s3

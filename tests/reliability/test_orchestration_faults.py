@@ -142,10 +142,10 @@ def test_vllm_child_killed_after_first_shard_is_retried_and_keeps_that_shard(toy
                           max_num_seqs=4, shard_size=1, seed=3)
     samples = RunLayout(root).samples
     first = Path(io.shard_uri(samples, 0))
-    last_manifest = Path(io.shard_uri(samples, 3) + io.MANIFEST_SUFFIX)
+    last_manifest = Path(io.manifest_uri(io.shard_uri(samples, 3)))
     record = {"snapshot": lambda: {"first": _fingerprint(first), "last_done": last_manifest.exists()}}
     finished = threading.Event()
-    killer = _kill_when(lambda: Path(str(first) + io.MANIFEST_SUFFIX).exists(), tag, "leanpo_core.sample", finished,
+    killer = _kill_when(lambda: Path(io.manifest_uri(str(first))).exists(), tag, "leanpo_core.sample", finished,
                         record)
     try:
         with Lines() as lines:
@@ -337,7 +337,7 @@ def test_worker_killed_mid_flow_run_is_marked_crashed_and_a_rerun_resumes(prefec
         worker = start_worker()
         try:
             _wait(stack, crashed["id"], lambda r: r["state"]["type"] == "RUNNING" and _heartbeats(stack, r["id"])
-                  and Path(str(first_shard) + io.MANIFEST_SUFFIX).exists(), 600, "a heart-beating run past shard 0",
+                  and Path(io.manifest_uri(str(first_shard))).exists(), 600, "a heart-beating run past shard 0",
                   worker)
             shard = _fingerprint(first_shard)
             os.killpg(worker.pid, signal.SIGKILL)

@@ -130,7 +130,7 @@ def _report(name: str, tmp_path: Path, figures: dict) -> None:
 
 
 def _done_shards(folder: str) -> int:
-    return len(list(Path(folder).glob(f"*{io.MANIFEST_SUFFIX}"))) if Path(folder).exists() else 0
+    return sum(Path(io.manifest_uri(uri)).exists() for uri in io.shard_uris(folder).values())
 
 
 def test_frames_stage_at_full_size(tmp_path):
