@@ -10,6 +10,7 @@
                                       pairs (event leanpo.pairs.published), manual pipeline
     leanpo inspect URI [--rows 5]     schema, row count and first rows of any table the pipeline wrote (local or s3://)
     leanpo toy --family F --out DIR   build a tiny offline model of a family
+    leanpo plan --model M [--gpus N]  tokens and peak GPU memory of each stage before a run, from config.json
 
 Prefect's database lives in PREFECT_HOME, by default `runs/.prefect` under the current folder, so `leanpo server`
 shows every run that `leanpo demo` and `leanpo run` made. `leanpo run` and `leanpo serve` use a `leanpo server`
@@ -339,12 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--rows", type=int, default=5, help="rows to show (default: 5)")
 
     commands.add_parser("toy", help="build a tiny offline model (see `leanpo toy --help`)", add_help=False)
+    commands.add_parser("plan", help="tokens and GPU memory per stage before a run (see `leanpo plan --help`)",
+                        add_help=False)
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "toy":
         from leanpo_core.toy import main as toy_main
 
         toy_main(rest)
+        return 0
+    if args.command == "plan":
+        from leanpo_core.plan import main as plan_main
+
+        plan_main(rest)
         return 0
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")

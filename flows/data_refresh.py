@@ -19,10 +19,13 @@ from tasks import data, report
 @flow(name="data-refresh", log_prints=True)
 def data_refresh(manifest: str, root: str, sample: SampleConfig, frames: FramesConfig = FramesConfig(),
                  reflect: ReflectConfig = ReflectConfig(), pairs: PairsConfig = PairsConfig(),
-                 split: str = "train", announce: bool = True) -> dict:
+                 split: str = "train", announce: bool = True, video_root: str | None = None,
+                 allowed_roots: list[str] | None = None) -> dict:
     """Build the preference pairs of one round from `manifest` under the run folder or s3:// prefix `root`;
-    `announce`: emit `leanpo.pairs.published` when the pairs table is new."""
-    videos = data.ingest(manifest, root, split)
+    `announce`: emit `leanpo.pairs.published` when the pairs table is new. `video_root` (where relative video paths
+    resolve; default the manifest's folder) and `allowed_roots` (further folders or s3:// prefixes that absolute
+    video paths may point into) are `python -m leanpo_core.videos --video-root/--root`."""
+    videos = data.ingest(manifest, root, split, video_root, allowed_roots)
     frames_table = data.frames(root, frames, videos)
     samples = data.sample(root, sample, videos, frames_table)
     scored = data.reflect(root, reflect, sample.model, samples)

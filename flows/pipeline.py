@@ -26,15 +26,19 @@ def pipeline(manifest: str, root: str, sample: SampleConfig, train: TrainConfig,
              frames: FramesConfig = FramesConfig(), reflect: ReflectConfig = ReflectConfig(),
              pairs: PairsConfig = PairsConfig(), evaluate: EvaluateConfig = EvaluateConfig(),
              rounds: Annotated[int, Field(ge=1, le=100, description="Self-improvement rounds.")] = 1,
-             split: str = "train", work_dir: str | None = None) -> dict:
-    """`rounds` rounds of sampling, scoring, pairing, training and evaluation, each from the newest model."""
+             split: str = "train", work_dir: str | None = None, video_root: str | None = None,
+             allowed_roots: list[str] | None = None) -> dict:
+    """`rounds` rounds of sampling, scoring, pairing, training and evaluation, each from the newest model;
+    `video_root` and `allowed_roots` locate the manifest's videos as in the data refresh."""
     generator, policy, done = sample.model, train.model, []
     for index in range(rounds):
         round_root = io.join_uri(root, f"round-{index}")
         refresh = data_refresh(manifest, round_root, sample.model_copy(update={"model": generator, "round": index}),
-                               frames, reflect, pairs, split, announce=False)
+                               frames, reflect, pairs, split, announce=False, video_root=video_root,
+                               allowed_roots=allowed_roots)
         trained = train_flow(round_root, train.model_copy(update={"model": policy}), evaluate,
-                             heldout_manifest=manifest, frames=frames, work_dir=work_dir)
+                             heldout_manifest=manifest, frames=frames, work_dir=work_dir, video_root=video_root,
+                             allowed_roots=allowed_roots)
         done.append({"generator": generator, "refresh": refresh, "train": trained})
         generator = policy = trained["model"]
     report.pipeline_report(root, done)

@@ -28,9 +28,11 @@ def train_flow(root: str, train: TrainConfig, evaluate: EvaluateConfig = Evaluat
                heldout_manifest: str | None = None, frames: FramesConfig = FramesConfig(),
                baseline: str | None = None, run_id: str | None = None,
                nproc_per_node: Annotated[int, Field(ge=1, description="Training ranks on this host.")] = 1,
-               launcher: train_tasks.Launcher = "auto", work_dir: str | None = None) -> dict:
+               launcher: train_tasks.Launcher = "auto", work_dir: str | None = None, video_root: str | None = None,
+               allowed_roots: list[str] | None = None) -> dict:
     """Train `train.model` on the kept pairs under `root`, evaluate it against `baseline` (default: the model it
-    started from) on held-out questions, and publish the model, metrics and plot under `<root>/train/<run id>`."""
+    started from) on held-out questions, and publish the model, metrics and plot under `<root>/train/<run id>`.
+    `video_root` and `allowed_roots` apply to `heldout_manifest` as in the data-refresh flow."""
     layout = RunLayout(root)
     pairs = io.read_manifest(layout.pairs).to_dict()
     frames_table = io.dataset_manifest(layout.frames, schemas.FRAMES).to_dict()
@@ -39,7 +41,7 @@ def train_flow(root: str, train: TrainConfig, evaluate: EvaluateConfig = Evaluat
     trained = train_tasks.train(train, pairs, frames_table, output_dir, run_id, nproc_per_node, launcher)
     heldout_root = io.join_uri(root, "heldout")
     if heldout_manifest:
-        videos = data.ingest(heldout_manifest, heldout_root, evaluate.split)
+        videos = data.ingest(heldout_manifest, heldout_root, evaluate.split, video_root, allowed_roots)
         heldout_frames = data.frames(heldout_root, frames, videos)
     else:
         videos, heldout_frames = io.read_manifest(layout.videos).to_dict(), frames_table

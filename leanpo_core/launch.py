@@ -209,14 +209,22 @@ def distributed_command(module: str, args: Sequence[str], *, nproc_per_node: int
 
     - "python": one plain process (nproc_per_node must be 1, no hostfile).
     - "torchrun" (`python -m torch.distributed.run`): one node, `nproc_per_node` ranks; `--standalone` lets the
-      rendezvous pick a free port unless `master_port` is given; `--tee 3` prefixes each rank's lines with
-      `[default<rank>]:`, which `run` uses to report the failed rank's own lines. Multi-node torchrun needs the
-      same command on every node with a rendezvous endpoint; use "deepspeed" with a hostfile for that.
+      rendezvous pick a free port on localhost unless `master_port` is given (then `--master_addr 127.0.0.1`);
+      `--local-addr 127.0.0.1` makes the ranks reach the launcher's store on loopback (MASTER_ADDR), not on the
+      host's name; `--tee 3` prefixes each rank's lines with `[default<rank>]:`, which `run` uses to report the
+      failed rank's own lines. Multi-node torchrun needs the same command on every node with a rendezvous
+      endpoint; use "deepspeed" with a hostfile for that.
     - "deepspeed" (`python -m deepspeed.launcher.runner`, what the `deepspeed` console script runs): `--num_gpus`
       ranks per node (on a CPU-only machine DeepSpeed's CPU accelerator counts ranks, not devices, and the ranks
       talk over gloo), `--master_port` (a free one unless given), `--hostfile` for several nodes (the runner then
-      reaches them with pdsh/ssh and `--master_addr` is the first host). Without a hostfile the runner still
-      reads DeepSpeed's default `/job/hostfile` where one exists. The module gets `--local_rank=<n>`.
+      reaches them with pdsh/ssh and `--master_addr` is the first host). Without a hostfile the launch is one
+      node on `--master_addr 127.0.0.1`; DeepSpeed's default `/job/hostfile`, where one exists, would still add
+      its hosts, which cannot reach that address: pass it as `hostfile` for a multi-node run. The module gets
+      `--local_rank=<n>`.
+
+    The rendezvous addresses are loopback, but torch's TCPStore server (torchrun's launcher, DeepSpeed's rank 0)
+    listens on every interface whatever address it is given (torch 2.13), so a single-node launch still has one
+    port open beyond loopback while it runs.
     """
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
@@ -229,10 +237,11 @@ def distributed_command(module: str, args: Sequence[str], *, nproc_per_node: int
     if launcher == "torchrun":
         if hostfile:
             raise ValueError("a hostfile is for launcher 'deepspeed'; torchrun runs on each node with a rendezvous")
-        rendezvous = ["--standalone"] if master_port is None else ["--master_port", str(master_port)]
-        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc_per_node", str(nproc_per_node),
-                "--tee", "3", "-m", module, *args]
-    nodes = ["--hostfile", hostfile] if hostfile else []
+        rendezvous = (["--standalone"] if master_port is None else
+                      ["--master_addr", "127.0.0.1", "--master_port", str(master_port)])
+        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--local-addr", "127.0.0.1",
+                "--nproc_per_node", str(nproc_per_node), "--tee", "3", "-m", module, *args]
+    nodes = ["--hostfile", hostfile] if hostfile else ["--master_addr", "127.0.0.1"]
     return [sys.executable, "-m", "deepspeed.launcher.runner", *nodes, "--num_gpus", str(nproc_per_node),
             "--master_port", str(master_port or free_port()), "--module", module, *args]
 

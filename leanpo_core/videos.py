@@ -8,9 +8,9 @@ answer, chosen, rejected.
 
 Every problem is reported at once, each naming its row and column: missing columns, wrong types, duplicate ids,
 empty question or answer, text that is not UTF-8, chat-control tokens in text (`<|im_end|>`, `<video>`, ...: see
-`prompts.CONTROL_TOKEN`), `..` in a video path, and absolute paths or URIs outside the allowed roots (the manifest's
-folder or `video_root`, plus `roots`). Relative video paths resolve against `video_root` when given, else against
-the manifest's folder.
+`prompts.CONTROL_TOKEN`), `..` in a video path, and paths or URIs outside the allowed roots (the manifest's folder
+or `video_root`, plus `roots`; a local path counts where it really leads, so a symlink out of a root is outside).
+Relative video paths resolve against `video_root` when given, else against the manifest's folder.
 
     python -m leanpo_core.videos data/qa.jsonl --out runs/r1/videos.parquet
     python -m leanpo_core.videos sft_dpo_17k.jsonl --video-root /data/hound/frames --out s3://bucket/r1/videos.parquet
@@ -139,21 +139,34 @@ def _under(path: str, root: str) -> bool:
     return os.path.commonpath([os.path.normpath(path), root]) == root
 
 
+def _real(path: str) -> str:
+    return path if _is_uri(path) else os.path.realpath(path)
+
+
 def resolve_video(video: str, base: str, roots: list[str]) -> str:
-    """The absolute path or URI of `video`; ValueError for `..`, unsupported schemes or paths outside `roots`."""
+    """The absolute path or URI of `video`; ValueError for `..`, unsupported schemes or paths outside `roots`.
+
+    Local paths are checked where they really lead (symlinks followed, in the path and in the roots): a link
+    inside a root that points out of it is outside.
+    """
     scheme = video.partition("://")[0].lower() if _is_uri(video) else ""
     if scheme and scheme not in ("s3", "s3a"):
         raise ValueError(f"unsupported scheme {scheme!r}: use a local path or s3://")
     if ".." in video.replace("\\", "/").split("/"):
         raise ValueError(f"path traversal ('..') in {video!r}")
-    if scheme or os.path.isabs(video):
-        resolved = video if scheme else os.path.normpath(video)
-        if not any(_under(resolved, root) for root in roots):
-            raise ValueError(f"{video!r} is outside the allowed roots {roots}")
-        return resolved
-    if _is_uri(base):
+    if scheme:
+        resolved = video
+    elif os.path.isabs(video):
+        resolved = os.path.normpath(video)
+    elif _is_uri(base):
         return posixpath.join(base.rstrip("/"), video)
-    return os.path.normpath(os.path.join(base, video))
+    else:
+        resolved = os.path.normpath(os.path.join(base, video))
+    real = _real(resolved)
+    if not any(_under(real, _real(root)) for root in roots):
+        leads = "" if real == resolved else f" (which resolves to {real!r})"
+        raise ValueError(f"{video!r}{leads} is outside the allowed roots {roots}")
+    return resolved
 
 
 def _report(uri: str, errors: list[str]) -> str:

@@ -2,6 +2,7 @@
 validation error, each naming its row and column."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -134,6 +135,46 @@ def test_allowed_roots_and_video_root(tmp_path):
         resolve_video("s3://b/pp/v.mp4", "/x", ["s3://b/p"])
     path = _write(tmp_path / "qa.jsonl", [GOOD], "jsonl")
     assert read_videos(str(path), video_root=str(root))[0]["video"] == str(root / "v.mp4")
+
+
+def test_symlinks_are_checked_where_they_lead(tmp_path):
+    """A link inside an allowed root that points out of it is refused, naming its row and column (wherever the
+    manifest names it: relative or absolute); a link to a file inside the root, and a root that is itself a link to
+    a real folder, are accepted. The rows keep the paths as written (resolved against the root, links not followed)."""
+    outside, real_root = tmp_path / "outside", tmp_path / "real"
+    outside.mkdir()
+    (real_root / "clips").mkdir(parents=True)
+    (outside / "v.mp4").write_bytes(b"secret")
+    (real_root / "clips" / "a.mp4").write_bytes(b"clip")
+    (real_root / "evil.mp4").symlink_to(outside / "v.mp4")
+    (real_root / "alias.mp4").symlink_to(real_root / "clips" / "a.mp4")
+    rows = [{**GOOD, "id": "fine"}, {**GOOD, "id": "alias", "video": "alias.mp4"},
+            {**GOOD, "id": "evil", "video": "evil.mp4"},
+            {**GOOD, "id": "evil-absolute", "video": str(real_root / "evil.mp4")}]
+    path = _write(real_root / "qa.jsonl", rows, "jsonl")
+    with pytest.raises(ManifestError) as refused:
+        read_videos(str(path))
+    message = str(refused.value)
+    assert "2 problem(s)" in message
+    target = repr(str((outside / "v.mp4").resolve()))
+    for row, video in ((3, "'evil.mp4'"), (4, repr(str(real_root / "evil.mp4")))):
+        assert re.search(rf"row {row}, column 'video': {re.escape(video)} \(which resolves to {re.escape(target)}\) "
+                         "is outside the allowed roots", message), message
+
+    link_root = tmp_path / "link"  # the root folder itself a link: the manifest read through it
+    link_root.symlink_to(real_root, target_is_directory=True)
+    rows = [{**GOOD, "id": "clip", "video": "clips/a.mp4"}, {**GOOD, "id": "alias", "video": "alias.mp4"},
+            {**GOOD, "id": "absolute", "video": str(link_root / "clips" / "a.mp4")}]
+    _write(real_root / "ok.jsonl", rows, "jsonl")
+    assert [r["video"] for r in read_videos(str(link_root / "ok.jsonl"))] == \
+        [str(link_root / "clips" / "a.mp4"), str(link_root / "alias.mp4"), str(link_root / "clips" / "a.mp4")]
+    assert resolve_video(str(link_root / "clips" / "a.mp4"), str(outside), [str(outside), str(link_root)]) == \
+        str(link_root / "clips" / "a.mp4")
+    with pytest.raises(ValueError, match="which resolves to"):
+        resolve_video(str(real_root / "evil.mp4"), str(real_root), [str(real_root)])
+    # allowed once the folder it leads to is an allowed root too
+    assert resolve_video(str(real_root / "evil.mp4"), str(real_root), [str(real_root), str(outside)]) == \
+        str(real_root / "evil.mp4")
 
 
 def test_cli_validates_and_writes(tmp_path, capsys):
