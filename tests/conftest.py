@@ -22,3 +22,22 @@ for key, value in {
     "TORCH_EXTENSIONS_DIR": os.path.join(_home, "torch_extensions"),
 }.items():
     os.environ.setdefault(key, value)
+
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Hand Prefect's console handlers the real stderr before pytest closes the captured stream they hold: the
+    temporary server's atexit hook logs "Stopping temporary server" after that, which printed a "--- Logging
+    error ---" traceback at the end of every run."""
+    import logging
+    import sys
+
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setStream(sys.__stderr__)
+                handler.console.file = sys.__stderr__  # it prints through a rich Console holding the stream too
