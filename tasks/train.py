@@ -119,7 +119,6 @@ def evaluate(trained: dict, config: EvaluateConfig, videos: dict, frames: dict, 
     """Evaluate the trained model (and the baseline it started from) on held-out questions and pairs."""
     from leanpo_core.evaluate import answers_uri, report_uri
 
-    logger = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="leanpo-") as folder:
         args = ["--config", write_config(config, folder), "--model", trained["model"], "--videos", videos["uri"],
                 "--frames", frames["uri"], "--out", out, "--run-id", run_id]
