@@ -158,6 +158,10 @@ class TrainConfig(StageConfig):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     max_length: int = Field(4096, ge=32, description="Token cap per sequence (prompt + response).")
     logits_chunk_size: int = Field(0, ge=0, description="Vocabulary chunk for response log-probs (0: no chunking).")
+    prefix_sharing: bool = Field(True, description="Score each pair as ONE sequence [prompt | chosen | rejected], "
+                                 "the prompt and its video tokens read once (exact: same loss and gradients as two "
+                                 "sequences). Needs attention that takes a 4-D mask (sdpa, eager); with "
+                                 "flash_attention_2/3 the trainer uses two sequences per pair and says so.")
     freeze_vision: bool = Field(True, description="Freeze the vision tower and projector.")
     lora: bool = Field(False, description="Train LoRA adapters (peft) instead of the full language model.")
     lora_rank: int = Field(16, ge=1, description="LoRA rank.")

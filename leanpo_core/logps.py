@@ -89,14 +89,20 @@ def response_logps(
     hidden_states: (B, T, H) last hidden states of the language model; labels: (B, T) with -100 off-response;
     lm_head: the output projection (a bias-free Linear, as in every supported family).
     """
-    if getattr(lm_head, "bias", None) is not None:
-        raise ValueError("response_logps expects a bias-free output projection")
     batch, pos, targets = response_positions(labels)
-    logps = token_logps(hidden_states[batch, pos], lm_head.weight, targets, chunk_size)
-    size = labels.shape[0]
-    sums = torch.zeros(size, dtype=logps.dtype, device=logps.device).index_add(0, batch, logps)
-    counts = torch.bincount(batch, minlength=size)
-    return sums, counts
+    return scored_logps(hidden_states, lm_head, batch, pos, targets, batch, labels.shape[0], chunk_size)
+
+
+def scored_logps(hidden_states: Tensor, lm_head: nn.Module, rows: Tensor, positions: Tensor, targets: Tensor,
+                 sequences: Tensor, num_sequences: int, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+    """(sum of log-probs, token count) per output sequence, each (num_sequences,): token i is `targets[i]`,
+    predicted by hidden_states[rows[i], positions[i]], and counts toward sequence `sequences[i]` (one row of
+    hidden states may hold several sequences, as a prefix-shared pair does)."""
+    if getattr(lm_head, "bias", None) is not None:
+        raise ValueError("response log-probs expect a bias-free output projection")
+    logps = token_logps(hidden_states[rows, positions], lm_head.weight, targets, chunk_size)
+    sums = torch.zeros(num_sequences, dtype=logps.dtype, device=logps.device).index_add(0, sequences, logps)
+    return sums, torch.bincount(sequences, minlength=num_sequences)
 
 
 def naive_response_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -71,6 +71,8 @@ class FamilyAdapter:
     vllm_one_frame_count_per_batch: bool = False
     # The inputs `model.model.get_video_features` takes besides the pixels (Qwen: the patch grid of each video).
     video_feature_inputs: tuple[str, ...] = ()
+    # Qwen's 3-D M-RoPE: positions come from the backbone's rope index (`prepare_model` makes it vLLM's), not 0..L-1.
+    mrope: bool = False
 
     def prepare_model(self, model):
         """Make a loaded HF model score tokens exactly as vLLM (and the family's reference code) does; idempotent.
@@ -136,13 +138,25 @@ class FamilyAdapter:
         kwargs = {k: inputs[k] for k in self.video_feature_inputs}
         return unwrap(model).model.get_video_features(inputs[VIDEO_PIXELS], return_dict=True, **kwargs)
 
-    def shared_video_hidden_states(self, model, batch: Mapping[str, Any], copies: int) -> torch.Tensor:
+    def text_positions(self, model, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The position ids a plain forward gives right-padded `inputs`: (3, B, L) M-RoPE positions for Qwen, else
+        (B, L) = 0..n-1 over each row's real tokens (what `model.model(...)` builds when given none)."""
+        mask = inputs["attention_mask"]
+        if self.mrope:
+            return unwrap(model).model.get_rope_index(
+                inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs.get("video_grid_thw"),
+                second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=mask)[0]
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def shared_video_hidden_states(self, model, batch: Mapping[str, Any], copies: int,
+                                   **overrides: torch.Tensor) -> torch.Tensor:
         """Last hidden states (copies*B, L, hidden) of sequences that reuse B videos, the vision tower run once.
 
         batch: per-token tensors of copies*B rows (row c*B + b shows video b; e.g. B chosen then B rejected) and the
         vision inputs of the B videos only. The video features are computed once and handed to the backbone as
         precomputed encoder outputs (transformers 5's `mm_encoder_outputs`), so the model itself scatters them at
         the placeholders and builds its positions (Qwen: the 3-D rope index of `prepare_model`), as in `model(...)`.
+        `overrides` replace backbone inputs (`prefix.pair_logps` passes a 4-D attention_mask and position_ids).
         """
         features = self.video_features(model, batch)
         pooled = features.pooler_output  # Qwen, LLaVA-NeXT-Video: one tensor per video; OneVision: (B, tokens, H)
@@ -150,6 +164,7 @@ class FamilyAdapter:
                                   else torch.cat([pooled] * copies, dim=0))
         kwargs = {k: v for k, v in batch.items() if k in _PER_TOKEN_FILL}
         kwargs.update(repeat_videos({k: batch[k] for k in _PER_VIDEO if k in batch}, copies))
+        kwargs.update(overrides)
         return unwrap(model).model(**kwargs, mm_encoder_outputs={"video": features}).last_hidden_state
 
     def vllm_video_input(self, frames: np.ndarray, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -233,10 +248,10 @@ def _use_reference_rope_index(model) -> None:
 
 QWEN2_VL = FamilyAdapter("qwen2_vl", ("qwen2_vl",), "<|vision_start|><|video_pad|><|vision_end|>", "<|im_end|>",
                          video_metadata_to_hf=False, model_fix=_use_reference_rope_index,
-                         video_feature_inputs=("video_grid_thw",))
+                         video_feature_inputs=("video_grid_thw",), mrope=True)
 QWEN2_5_VL = FamilyAdapter("qwen2_5_vl", ("qwen2_5_vl",), "<|vision_start|><|video_pad|><|vision_end|>",
                            "<|im_end|>", video_metadata_to_hf=True, model_fix=_use_reference_rope_index,
-                           video_feature_inputs=("video_grid_thw",))
+                           video_feature_inputs=("video_grid_thw",), mrope=True)
 LLAVA_NEXT_VIDEO = FamilyAdapter("llava_next_video", ("llava_next_video",), "<video>", "</s>",
                                  video_metadata_to_hf=False)
 LLAVA_ONEVISION = FamilyAdapter("llava_onevision", ("llava_onevision",), "<video>", "<|im_end|>",

@@ -2,7 +2,9 @@
 
 Reads the kept rows of the pairs table and the frames the sampling stage used (never re-sampled), and trains with a
 `transformers.Trainer` subclass (not TRL). A pair's video goes through the vision tower ONCE and its features serve
-both the chosen and the rejected sequence; logits exist only at response positions (docs/method.md section 7).
+both the chosen and the rejected response; with `prefix_sharing` (default) the pair is one sequence
+`[prompt | chosen | rejected]`, so the language model reads the prompt and its video tokens once too (leanpo_core/
+prefix.py); logits exist only at response positions (docs/method.md section 7).
 Objectives: `leanpo` (default, docs/method.md section 2), `simpo`, `dpo` (frozen reference copy) and `sft` (the CE term
 on chosen responses alone). Writes `<out>/metrics.parquet` (table train_metrics), `<out>/metrics.png`, TensorBoard
 events under `<out>/runs`, checkpoints `<out>/checkpoint-N` and the exported model `<out>/model` (safetensors).
@@ -39,6 +41,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 
 from leanpo_core import frames as frames_mod
-from leanpo_core import io, logps, loss, models, prompts, schemas
+from leanpo_core import io, logps, loss, models, prefix, prompts, schemas
 from leanpo_core.config import TrainConfig, load_config
 from leanpo_core.layout import RunLayout, add_table_arguments, table_arguments
 
@@ -180,19 +183,24 @@ class _ProcessOnce:
 
 @dataclasses.dataclass
 class PairCollator:
-    """A batch of B pairs: per-token tensors of 2B rows (B chosen, then B rejected), right-padded to one length;
-    the vision inputs of the B videos once; the displacement baselines (B,) of each side."""
+    """A batch of B pairs, right-padded to one length: per-token tensors of 2B rows (B chosen, then B rejected),
+    or with `prefix_sharing` B joined rows `[prompt | chosen | rejected]` and their `pair_lengths` (B, 3)
+    (`prefix.join_pair`); the vision inputs of the B videos once; the displacement baselines (B,) of each side."""
 
     pad_id: int
+    prefix_sharing: bool = False
 
     def __call__(self, items: list[dict]) -> dict:
-        chosen = [it["chosen"] for it in items]
-        tokens = [{k: v for k, v in seq.items() if models.is_per_token(k)}
-                  for seq in chosen + [it["rejected"] for it in items]]
-        batch = models.collate(tokens, self.pad_id)
-        for key in chosen[0]:
+        if self.prefix_sharing:
+            rows = [prefix.join_pair(it["chosen"], it["rejected"]) for it in items]
+        else:
+            rows = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+        batch = models.collate([{k: v for k, v in seq.items() if models.is_per_token(k)} for seq in rows],
+                               self.pad_id)
+        videos = rows[:len(items)]  # row b shows pair b's video
+        for key in videos[0]:
             if not models.is_per_token(key):
-                batch[key] = torch.cat([seq[key] for seq in chosen], dim=0)
+                batch[key] = torch.cat([seq[key] for seq in videos], dim=0)
         for side in _SIDE_INFO:
             batch[side] = torch.tensor([it[side] for it in items], dtype=torch.float64)
         return batch
@@ -202,12 +210,15 @@ class PairCollator:
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in _SIDE_INFO and k != "labels"}
+    return {k: v for k, v in batch.items() if k not in _SIDE_INFO and k not in ("labels", prefix.LENGTHS)}
 
 
 def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0):
     """Lean path: (sums, counts) of response log-probs, each (2B,), chosen rows first; vision once per pair,
-    logits only at response positions."""
+    logits only at response positions; the prompt once per pair too when the batch holds joined rows
+    (`PairCollator(prefix_sharing=True)`, `prefix.pair_logps`)."""
+    if prefix.LENGTHS in batch:
+        return prefix.pair_logps(model, adapter, batch, chunk_size)
     hidden = adapter.shared_video_hidden_states(model, model_inputs(batch), copies=2)
     return logps.response_logps(hidden, batch["labels"], models.output_projection(model), chunk_size)
 
@@ -288,6 +299,13 @@ def _freeze_vision(model) -> None:
     for p in hf.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
+
+
+def _prefix_sharing_possible(model) -> bool:
+    reason = prefix.unsupported_reason(model)
+    if reason is not None:
+        print(f"train: prefix sharing off: {reason}; each pair runs as two sequences", file=sys.stderr, flush=True)
+    return reason is None
 
 
 def _add_lora(model, rank: int):
@@ -528,11 +546,12 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
         model = _add_lora(model, config.lora_rank)
     dataset = PairsDataset(pairs_uri, frames_uri, processor, adapter, config.max_length, options)
     tokenizer = getattr(processor, "tokenizer", processor)
+    sharing = config.prefix_sharing and _prefix_sharing_possible(model)
     args = _training_arguments(config, output_dir)
     trainer_cls = _make_trainer_class()
     run_id = run_id or Path(output_dir).name
     trainer = trainer_cls(model=PairPolicy(model, adapter, config.logits_chunk_size), args=args, train_dataset=dataset,
-                          data_collator=PairCollator(tokenizer.pad_token_id or 0), leanpo_config=config,
+                          data_collator=PairCollator(tokenizer.pad_token_id or 0, sharing), leanpo_config=config,
                           adapter=adapter, run_id=run_id, ref_model=ref_model, storage=options)
     if ref_model is not None:
         ref_model.to(trainer.args.device)

@@ -1,0 +1,120 @@
+"""Prefix sharing: a preference pair as ONE sequence `[prompt | chosen | rejected]`, its prompt read once.
+
+A pair's two sequences share the prompt, and with 16-64 frames the prompt (its video tokens) is most of each
+sequence, so the vision-once path still runs the language model over it twice. Here the pair is one row: the chosen
+tokens follow the prompt as usual; the rejected tokens attend to the prompt and to themselves, never to the chosen
+tokens, and take the positions they would have right after the prompt alone. Every response token then sees the
+same keys, values and positions as in its own `[prompt | response]` sequence, so log-probs, losses and gradients are
+those of the two-sequence path up to float summation order (tests/leanpo_core/test_prefix.py checks 1e-5 in fp32).
+
+Positions: a plain forward of the joined row numbers the rejected run on from the end of the chosen one; text
+positions advance by one per token (on all three axes of Qwen's M-RoPE), so shifting the rejected run back by the
+chosen length gives the positions after the prompt alone.
+
+The attention mask is 4-D, handed to the model as-is (transformers uses a 4-D mask unchanged): boolean for SDPA, the
+only form its kernels take besides the model dtype (on CUDA an explicit mask selects PyTorch's memory-efficient
+kernel; the flash kernel takes none), additive for eager attention. Attention implementations that take no custom
+mask (flash_attention_2/3, flex_attention without a block mask) are not supported: `unsupported_reason` says so and
+the trainer falls back to the vision-once path.
+
+    item = join_pair(adapter.encode(p, clip, prompt, chosen), adapter.encode(p, clip, prompt, rejected))
+    sums, counts = pair_logps(model, adapter, collated_batch)   # (2B,): B chosen, then B rejected
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanpo_core import logps, models
+
+Tensor = torch.Tensor
+# (B, 3) per joined row: prompt, chosen and rejected token counts.
+LENGTHS = "pair_lengths"
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why prefix sharing cannot run on `model` (its attention implementation takes no 4-D mask), or None."""
+    implementation = getattr(models.unwrap(model).config, "_attn_implementation", None) or "eager"
+    if implementation in SUPPORTED_ATTENTION:
+        return None
+    return (f"attention implementation {implementation!r} takes no custom 4-D mask (prefix sharing needs one of "
+            f"{', '.join(SUPPORTED_ATTENTION)})")
+
+
+def prompt_length(inputs: dict) -> int:
+    """Tokens before the response of a single-sequence `encode` output (its labels are IGNORE_INDEX there)."""
+    return int((inputs["labels"][0] == models.IGNORE_INDEX).sum())
+
+
+def join_pair(chosen: dict, rejected: dict) -> dict:
+    """One row `[P | C | R]` from the encodings `[P | C]` and `[P | R]` of a pair (same prompt, same video).
+
+    Per-token tensors (labels too) grow by the rejected response; the per-video inputs are the chosen side's;
+    `pair_lengths` is (1, 3) = (P, C, R).
+    """
+    prompt = prompt_length(chosen)
+    if prompt_length(rejected) != prompt or not torch.equal(chosen["input_ids"][:, :prompt],
+                                                            rejected["input_ids"][:, :prompt]):
+        raise ValueError("a pair's chosen and rejected sequences must start with the same prompt")
+    joined = {key: torch.cat([value, rejected[key][:, prompt:]], dim=1) if models.is_per_token(key) else value
+              for key, value in chosen.items()}
+    sizes = (prompt, chosen["input_ids"].shape[1] - prompt, rejected["input_ids"].shape[1] - prompt)
+    joined[LENGTHS] = torch.tensor([sizes], dtype=torch.long)
+    return joined
+
+
+def attention_mask(lengths: Tensor, length: int, implementation: str) -> Tensor:
+    """(B, 1, L, L) mask of joined rows: causal, real keys only, rejected queries blind to the chosen keys.
+
+    Boolean (True: attend) for SDPA, additive fp32 (0 or the fp32 minimum) for eager attention. Padding queries
+    see the real keys (never an empty row, which would give NaN); their outputs are not read.
+    """
+    prompt, chosen, rejected = (lengths[:, i, None, None] for i in range(3))
+    index = torch.arange(length, device=lengths.device)
+    query, key = index[None, :, None], index[None, None, :]
+    chosen_end = prompt + chosen
+    allowed = (key <= query) & (key < chosen_end + rejected)
+    allowed &= ~((query >= chosen_end) & (key >= prompt) & (key < chosen_end))
+    allowed = allowed[:, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=lengths.device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)
+
+
+def positions(model, adapter: models.FamilyAdapter, inputs: dict, lengths: Tensor) -> Tensor:
+    """Position ids of joined rows ((B, L), or (3, B, L) for M-RoPE): each rejected token numbered as if it
+    followed the prompt directly."""
+    plain = adapter.text_positions(model, inputs)
+    chosen_end = (lengths[:, 0] + lengths[:, 1])[:, None]
+    index = torch.arange(plain.shape[-1], device=plain.device)[None, :]
+    shift = torch.where(index >= chosen_end.to(plain.device), lengths[:, 1, None].to(plain.device), 0)
+    return plain - shift.to(plain.dtype)
+
+
+def score_index(labels: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For every scored token of B joined rows: (row, hidden position that predicts it, token, output sequence).
+
+    Output sequences are the two-sequence layout's: b for pair b's chosen tokens, B + b for its rejected ones. The
+    first rejected token is predicted from the prompt's last position (not the chosen response's last token).
+    """
+    rows, hidden_pos, targets = logps.response_positions(labels)
+    lengths = lengths.to(labels.device)
+    prompt, chosen_end = lengths[rows, 0], lengths[rows, 0] + lengths[rows, 1]
+    is_rejected = hidden_pos + 1 >= chosen_end
+    hidden_pos = torch.where(hidden_pos + 1 == chosen_end, prompt - 1, hidden_pos)
+    return rows, hidden_pos, targets, rows + is_rejected.long() * labels.shape[0]
+
+
+def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+    """(sums, counts) of response log-probs, each (2B,), chosen rows first, from B joined rows: the vision tower
+    once per pair, the prompt once per pair, logits only at response positions."""
+    lengths, ids = batch[LENGTHS], batch["input_ids"]
+    implementation = getattr(models.unwrap(model).config, "_attn_implementation", None) or "eager"
+    mask = attention_mask(lengths.to(ids.device), ids.shape[1], implementation)
+    hidden = adapter.shared_video_hidden_states(  # reads the model inputs of `batch`, nothing else
+        model, batch, copies=1, attention_mask=mask, position_ids=positions(model, adapter, batch, lengths))
+    rows, hidden_pos, targets, sequences = score_index(batch["labels"], lengths)
+    return logps.scored_logps(hidden, models.output_projection(model), rows, hidden_pos, targets, sequences,
+                              2 * lengths.shape[0], chunk_size)

@@ -1,0 +1,199 @@
+"""Prefix sharing: one `[prompt | chosen | rejected]` row per pair gives the two-sequence path's log-probs, losses
+and gradients (fp32, 1e-5) on all four families, with gradient checkpointing and LoRA, and reads the prompt once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from leanpo_core import models, prefix, train
+from leanpo_core.config import TrainConfig
+
+from .conftest import FAMILIES
+from .test_train import _config, _count_videos, pair_data  # noqa: F401 (fixture)
+
+TEXTS = [("What moves?", " a red square moves left", " a blue circle"),
+         ("What colour is the square in the video?", " red", " it is green and large and slow")]
+
+
+def _items(processor, adapter, video, texts=TEXTS):
+    """Encoded pairs on the fixture video's first 4 frames; prompts and responses of different lengths."""
+    frames, meta = video
+    clip = frames[:4]
+    meta = models.video_metadata(clip, fps=meta["fps"], frames_indices=meta["frames_indices"][:4],
+                                 total_num_frames=meta["total_num_frames"])
+    items = []
+    for question, chosen, rejected in texts:
+        prompt = adapter.build_prompt(processor, question)
+        items.append({"chosen": adapter.encode(processor, clip, prompt, chosen, meta=meta),
+                      "rejected": adapter.encode(processor, clip, prompt, rejected, meta=meta),
+                      "chosen_baseline": -2.0, "rejected_baseline": -3.0})
+    return items
+
+
+def _batches(processor, items):
+    pad = getattr(processor, "tokenizer", processor).pad_token_id or 0
+    return train.PairCollator(pad)(items), train.PairCollator(pad, prefix_sharing=True)(items)
+
+
+def test_mask_positions_and_score_index_by_hand():
+    """Row 0: P=3, C=2, R=2 (L=7); row 1: P=2, C=1, R=1 plus 3 padding positions."""
+    lengths = torch.tensor([[3, 2, 2], [2, 1, 1]])
+    mask = prefix.attention_mask(lengths, 7, "sdpa")[:, 0].int()
+    assert mask[0].tolist() == [[1, 0, 0, 0, 0, 0, 0],
+                                [1, 1, 0, 0, 0, 0, 0],
+                                [1, 1, 1, 0, 0, 0, 0],
+                                [1, 1, 1, 1, 0, 0, 0],  # chosen
+                                [1, 1, 1, 1, 1, 0, 0],
+                                [1, 1, 1, 0, 0, 1, 0],  # rejected: prompt and itself, not the chosen tokens
+                                [1, 1, 1, 0, 0, 1, 1]]
+    assert mask[1].tolist() == [[1, 0, 0, 0, 0, 0, 0],
+                                [1, 1, 0, 0, 0, 0, 0],
+                                [1, 1, 1, 0, 0, 0, 0],
+                                [1, 1, 0, 1, 0, 0, 0],
+                                [1, 1, 0, 1, 0, 0, 0],  # padding queries see real prompt/rejected keys: no empty row
+                                [1, 1, 0, 1, 0, 0, 0],
+                                [1, 1, 0, 1, 0, 0, 0]]
+    eager = prefix.attention_mask(lengths, 7, "eager")
+    assert eager.dtype == torch.float32 and torch.equal(eager == 0, mask[:, None].bool())
+    labels = torch.full((2, 7), -100)
+    labels[0, 3:7] = torch.tensor([10, 11, 20, 21])
+    labels[1, 2:4] = torch.tensor([30, 40])
+    rows, hidden_pos, targets, sequences = prefix.score_index(labels, lengths)
+    assert list(zip(rows.tolist(), hidden_pos.tolist(), targets.tolist(), sequences.tolist())) == [
+        (0, 2, 10, 0), (0, 3, 11, 0),  # chosen: predicted by the token before
+        (0, 2, 20, 2), (0, 5, 21, 2),  # rejected: its first token from the prompt's last position
+        (1, 1, 30, 1), (1, 1, 40, 3)]
+
+
+class _QwenLike:
+    def __init__(self):
+        self.mrope = True
+
+    def text_positions(self, model, inputs):
+        return torch.arange(7).expand(3, 1, 7) + 10
+
+
+def test_rejected_positions_continue_the_prompt():
+    """1-D and M-RoPE: the rejected run is numbered as if it followed the prompt directly."""
+    lengths = torch.tensor([[3, 2, 2]])
+    inputs = {"attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    flat = prefix.positions(None, models.LLAVA_NEXT_VIDEO, inputs, lengths)
+    assert flat.tolist() == [[0, 1, 2, 3, 4, 3, 4]]
+    assert prefix.positions(None, _QwenLike(), inputs, lengths)[:, 0].tolist() == [[10, 11, 12, 13, 14, 13, 14]] * 3
+
+
+def _fresh(toy_dirs, family, lora: bool, checkpointing: bool):
+    model, processor, adapter = models.load_model(toy_dirs[family], dtype=torch.float32)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # checkpointing is active in training mode only (the toys have no dropout)
+    else:
+        model.eval()
+    if lora:
+        model = train._add_lora(model, rank=4)
+        for name, p in model.named_parameters():  # non-zero B so the adapters change the forward
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    return model, processor, adapter
+
+
+def _trainable_grads(model, value):
+    model.zero_grad()
+    value.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant", ["plain", "checkpointing", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_shared_equals_vision_once(family, variant, toy_dirs, video, monkeypatch):
+    """Sums, counts, every objective's loss (dpo with its reference pass) and gradients: 1e-5 in fp32."""
+    model, processor, adapter = _fresh(toy_dirs, family, lora=variant == "lora",
+                                       checkpointing=variant == "checkpointing")
+    two_rows, joined = _batches(processor, _items(processor, adapter, video))
+    assert joined["input_ids"].shape[0] == 2 and two_rows["input_ids"].shape[0] == 4
+    seen = _count_videos(models.unwrap(model), monkeypatch)
+    shared = train.pair_logps(model, adapter, joined, chunk_size=7)
+    once = train.pair_logps(model, adapter, two_rows, chunk_size=7)
+    assert len(seen) == 2 and seen[0] == seen[1]  # one video per pair on both paths
+    assert torch.equal(shared[1], once[1])
+    torch.testing.assert_close(shared[0], once[0], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ref = train.pair_logps(model, adapter, joined)[0] - 0.25  # a reference pass on joined rows, shifted
+    for objective in ("leanpo", "simpo", "dpo", "sft"):
+        config = TrainConfig(model="x", objective=objective, smoothing_threshold=math.inf)
+        shared_loss = train.objective_loss(config, *shared, joined, ref).loss
+        once_loss = train.objective_loss(config, *once, two_rows, ref).loss
+        assert abs(shared_loss.item() - once_loss.item()) < 1e-5, objective
+    config = TrainConfig(model="x", smoothing_threshold=math.inf)
+    grads_shared = _trainable_grads(model, train.objective_loss(config, *shared, joined).loss)
+    grads_once = _trainable_grads(model, train.objective_loss(config, *once, two_rows).loss)
+    assert grads_shared and grads_shared.keys() == grads_once.keys()
+    if variant == "lora":
+        assert all("lora" in n for n in grads_shared)
+    for name in grads_shared:
+        torch.testing.assert_close(grads_shared[name], grads_once[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_prompt_is_read_once(loaded, video):
+    """The language model sees B rows of P + C + R tokens, not 2B rows of P + max(C, R)."""
+    model, processor, adapter = loaded("qwen2_vl")
+    items = _items(processor, adapter, video)
+    _, joined = _batches(processor, items)
+    shapes = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            train.pair_logps(model, adapter, joined)
+    finally:
+        hook.remove()
+    longest = max(prefix.prompt_length(it["chosen"]) + sum(it[s]["input_ids"].shape[1] - prefix.prompt_length(it[s])
+                                                             for s in ("chosen", "rejected")) for it in items)
+    assert shapes == [(2, longest)]
+
+
+def test_unsupported_attention_is_named(loaded):
+    model, _, _ = loaded("llava_onevision")
+    assert prefix.unsupported_reason(model) is None
+    original = model.config._attn_implementation
+    try:
+        model.config._attn_implementation = "flash_attention_2"
+        assert "flash_attention_2" in prefix.unsupported_reason(model)
+    finally:
+        model.config._attn_implementation = original
+
+
+def test_pairs_with_different_prompts_are_refused(loaded, video):
+    model, processor, adapter = loaded("qwen2_vl")
+    a, b = _items(processor, adapter, video)
+    with pytest.raises(ValueError, match="same prompt"):
+        prefix.join_pair(a["chosen"], b["rejected"])
+
+
+def test_training_with_and_without_prefix_sharing_agree(pair_data, toy_dirs, tmp_path, monkeypatch):
+    """`train.train` (3 steps of 2 pairs, LeanPO): the same losses and exported weights either way.
+
+    Step 1 starts from the same weights, so its loss agrees to 1e-5; later steps follow weights moved by Adam, which
+    normalises per-parameter noise of ~1e-7 in near-zero gradients to ~lr, hence 1e-4 (as between ZeRO stages).
+    """
+    from leanpo_core import io, schemas
+
+    runs, calls, original = {}, [], prefix.pair_logps
+    monkeypatch.setattr(prefix, "pair_logps", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for sharing in (True, False):
+        config = _config(toy_dirs["llava_onevision"], prefix_sharing=sharing)
+        calls.clear()
+        result = train.train(config, *pair_data, str(tmp_path / str(sharing)))
+        assert len(calls) == (3 if sharing else 0)  # one joined forward per step, only when on
+        table = io.read_table(result.metrics_uri, schemas.TRAIN_METRICS)
+        runs[sharing] = (table.column("loss").to_pylist(), models.load_model(result.model_dir)[0].state_dict())
+    (shared_losses, shared), (plain_losses, plain) = runs[True], runs[False]
+    assert TrainConfig(model="x").prefix_sharing  # on by default
+    assert len(shared_losses) == 3 and abs(shared_losses[0] - plain_losses[0]) < 1e-5
+    assert shared_losses == pytest.approx(plain_losses, rel=1e-4)
+    for key in plain:
+        torch.testing.assert_close(shared[key], plain[key], atol=1e-4, rtol=0, msg=key)
