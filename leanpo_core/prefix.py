@@ -47,19 +47,24 @@ def prompt_length(inputs: dict) -> int:
     return int((inputs["labels"][0] == models.IGNORE_INDEX).sum())
 
 
-def join_pair(chosen: dict, rejected: dict) -> dict:
+def join_pair(chosen: dict, rejected: dict | None) -> dict:
     """One row `[P | C | R]` from the encodings `[P | C]` and `[P | R]` of a pair (same prompt, same video).
 
     Per-token tensors (labels too) grow by the rejected response; the per-video inputs are the chosen side's;
-    `pair_lengths` is (1, 3) = (P, C, R).
+    `pair_lengths` is (1, 3) = (P, C, R). Without a rejected encoding the row is `[P | C]` and R = 0 (its rejected
+    sums and counts come out 0: the SFT objective reads the chosen side only).
     """
     prompt = prompt_length(chosen)
-    if prompt_length(rejected) != prompt or not torch.equal(chosen["input_ids"][:, :prompt],
-                                                            rejected["input_ids"][:, :prompt]):
-        raise ValueError("a pair's chosen and rejected sequences must start with the same prompt")
-    joined = {key: torch.cat([value, rejected[key][:, prompt:]], dim=1) if models.is_per_token(key) else value
-              for key, value in chosen.items()}
-    sizes = (prompt, chosen["input_ids"].shape[1] - prompt, rejected["input_ids"].shape[1] - prompt)
+    if rejected is None:
+        joined, rejected_len = dict(chosen), 0
+    else:
+        if prompt_length(rejected) != prompt or not torch.equal(chosen["input_ids"][:, :prompt],
+                                                                rejected["input_ids"][:, :prompt]):
+            raise ValueError("a pair's chosen and rejected sequences must start with the same prompt")
+        joined = {key: torch.cat([value, rejected[key][:, prompt:]], dim=1) if models.is_per_token(key) else value
+                  for key, value in chosen.items()}
+        rejected_len = rejected["input_ids"].shape[1] - prompt
+    sizes = (prompt, chosen["input_ids"].shape[1] - prompt, rejected_len)
     joined[LENGTHS] = torch.tensor([sizes], dtype=torch.long)
     return joined
 

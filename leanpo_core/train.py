@@ -185,14 +185,16 @@ class _ProcessOnce:
 class PairCollator:
     """A batch of B pairs, right-padded to one length: per-token tensors of 2B rows (B chosen, then B rejected),
     or with `prefix_sharing` B joined rows `[prompt | chosen | rejected]` and their `pair_lengths` (B, 3)
-    (`prefix.join_pair`); the vision inputs of the B videos once; the displacement baselines (B,) of each side."""
+    (`prefix.join_pair`); the vision inputs of the B videos once; the displacement baselines (B,) of each side.
+    `chosen_only` leaves the rejected responses out of the joined rows: their log-prob sums and counts are 0."""
 
     pad_id: int
     prefix_sharing: bool = False
+    chosen_only: bool = False  # joined rows without the rejected response (objective sft; needs prefix_sharing)
 
     def __call__(self, items: list[dict]) -> dict:
         if self.prefix_sharing:
-            rows = [prefix.join_pair(it["chosen"], it["rejected"]) for it in items]
+            rows = [prefix.join_pair(it["chosen"], None if self.chosen_only else it["rejected"]) for it in items]
         else:
             rows = [it["chosen"] for it in items] + [it["rejected"] for it in items]
         batch = models.collate([{k: v for k, v in seq.items() if models.is_per_token(k)} for seq in rows],
@@ -276,14 +278,15 @@ def objective_loss(config: TrainConfig, sums: torch.Tensor, counts: torch.Tensor
                              chosen_gen_logps=base_c, rejected_gen_logps=base_r)
     if config.objective == "simpo":
         out = loss.simpo_loss(cs, cn, rs, rn, beta=beta, gamma=config.gamma)
-    else:
+    else:  # sft: the chosen responses alone (their rejected side is not even run with prefix sharing)
         sft = -cs.sum() / cn.sum()
-        rbar_c, rbar_r = cs / cn, rs / rn
+        rbar_c, rbar_r = cs / cn, rs / rn.clamp(min=1)
         out = loss.LossOutput(sft, -rbar_c, rbar_c, rbar_r, {
-            "loss": sft.item(), "loss/sft": sft.item(),
-            "logps/chosen": rbar_c.detach().mean().item(), "logps/rejected": rbar_r.detach().mean().item()})
+            "loss": sft.item(), "loss/sft": sft.item(), "logps/chosen": rbar_c.detach().mean().item()})
+        if bool((rn > 0).all()):
+            out.metrics["logps/rejected"] = rbar_r.detach().mean().item()
     for side, now, base in (("chosen", cs / cn, base_c), ("rejected", rs / rn, base_r)):
-        if base is not None:
+        if base is not None and bool((counts[:half] if side == "chosen" else rn).gt(0).all()):
             out.metrics[f"displacement/{side}"] = (now.detach().double() - base.double()).mean().item()
     return out
 
@@ -551,7 +554,8 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
     trainer_cls = _make_trainer_class()
     run_id = run_id or Path(output_dir).name
     trainer = trainer_cls(model=PairPolicy(model, adapter, config.logits_chunk_size), args=args, train_dataset=dataset,
-                          data_collator=PairCollator(tokenizer.pad_token_id or 0, sharing), leanpo_config=config,
+                          data_collator=PairCollator(tokenizer.pad_token_id or 0, sharing, chosen_only=sharing and config.objective == "sft"),
+                          leanpo_config=config,
                           adapter=adapter, run_id=run_id, ref_model=ref_model, storage=options)
     if ref_model is not None:
         ref_model.to(trainer.args.device)

@@ -197,3 +197,24 @@ def test_training_with_and_without_prefix_sharing_agree(pair_data, toy_dirs, tmp
     assert shared_losses == pytest.approx(plain_losses, rel=1e-4)
     for key in plain:
         torch.testing.assert_close(shared[key], plain[key], atol=1e-4, rtol=0, msg=key)
+
+
+def test_sft_runs_the_chosen_side_only(loaded, video):
+    """Objective sft with prefix sharing: rows [P | C] (no rejected tokens run), the same SFT loss as the full pair
+    batch, the rejected side's counts 0 and no rejected metrics reported."""
+    model, processor, adapter = loaded("qwen2_5_vl")
+    items = _items(processor, adapter, video)
+    pad = processor.tokenizer.pad_token_id or 0
+    chosen_only = train.PairCollator(pad, prefix_sharing=True, chosen_only=True)(items)
+    _, joined = _batches(processor, items)
+    assert chosen_only[prefix.LENGTHS][:, 2].tolist() == [0, 0]
+    assert chosen_only["input_ids"].shape[1] == max(it["chosen"]["input_ids"].shape[1] for it in items)
+    config = TrainConfig(model="x", objective="sft")
+    with torch.no_grad():
+        sums, counts = train.pair_logps(model, adapter, chosen_only)
+        full = train.pair_logps(model, adapter, joined)
+    assert counts[2:].tolist() == [0, 0] and torch.equal(counts[:2], full[1][:2])
+    out = train.objective_loss(config, sums, counts, chosen_only)
+    assert abs(out.loss.item() - train.objective_loss(config, *full, joined).loss.item()) < 1e-5
+    assert "logps/rejected" not in out.metrics and "displacement/rejected" not in out.metrics
+    assert "displacement/chosen" in out.metrics
