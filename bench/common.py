@@ -99,6 +99,16 @@ def write_result(name: str, title: str, command: str, body: list[str]) -> str:
     return text
 
 
+def write_json(name: str, data: dict) -> Path:
+    """Write bench/results/<name>.json (atomically, beside the markdown), with the date and machine added."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    RESULTS.mkdir(exist_ok=True)
+    tmp, path = RESULTS / f"{name}.json.tmp", RESULTS / f"{name}.json"
+    tmp.write_text(json.dumps({"date": now, "machine": machine_line(), **data}, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     return " ".join([".venv/bin/python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])])
 

@@ -1,15 +1,19 @@
-"""Video training step: this project's lean pair forward vs the naive one, by frame count (CPU, fp32).
+"""Video training step: the naive pair forward, vision-once, and prefix-shared, by frame count (CPU, fp32).
 
-    .venv/bin/python bench/video_step_bench.py [--frames 8 16 32 64] [--steps 3] [--rounds 2]
+    .venv/bin/python bench/video_step_bench.py [--frames 8 16 32 64] [--steps 3] [--rounds 2] [--threads 1]
 
-Both sides run one optimizer step of the LeanPO objective on one pair (a chosen and a rejected response to the same
+Every side runs one optimizer step of the LeanPO objective on one pair (a chosen and a rejected response to the same
 video question), exactly as the Trainer does it (`train.objective_loss`, AdamW, gradient checkpointing, vision tower
-frozen), and differ only in the forward:
+frozen), and differs only in the forward:
 
-  lean   `train.PairPolicy` (= `train.pair_logps`): the vision tower runs ONCE for the pair and its features serve
-         both sequences; logits exist only at response positions (`logps.response_logps`)
-  naive  `train.naive_pair_logps`: one forward of the 2 sequences, each with its own copy of the video (the tower
-         runs twice), full-vocabulary logits over every position, then `logps.naive_response_logps`
+  naive          `train.naive_pair_logps`: one forward of the 2 sequences, each with its own copy of the video (the
+                 tower runs twice), full-vocabulary logits over every position, then `logps.naive_response_logps`
+  vision_once    `train.pair_logps` on two rows per pair (`PairCollator(prefix_sharing=False)`): the vision tower
+                 runs ONCE per pair and its features serve both sequences; logits only at response positions
+  prefix_shared  `train.pair_logps` on one row `[prompt | chosen | rejected]` per pair (the Trainer's default,
+                 leanpo_core/prefix.py): vision once AND the prompt's video tokens through the language model once
+  prefix_cached  prefix_shared with the frozen-vision feature cache (leanpo_core/features.py, on by default): the
+                 warm-up step fills it, the timed steps find the video there, as every epoch after the first does
 
 Model: a Qwen2-VL built offline from `leanpo_core.toy`'s tokenizer and config, scaled so a step takes about a second
 on 2 cores, with the cost shares of a real Video-LLM kept roughly: LLM hidden 128 x 4 layers and an 8192 vocabulary
@@ -20,10 +24,11 @@ Batch: --pairs pairs of a random-pixel video, a ~30-token question and responses
 
 Each (frames, side) runs in a FRESH child process: it loads the model, builds the batch, runs --warmup steps then
 --steps timed steps (median), and reports its peak resident memory (VmHWM) above its resident memory just before the
-first step (tracemalloc does not see torch's allocations). Children run in alternating order over --rounds rounds, so
-lean and naive meet the same machine load; the step time is the median over all timed steps of all rounds, the memory
-the median over rounds. The first-step loss of both sides is printed: the two paths compute the same log-probs, so it
-agrees to ~1e-5. Writes bench/results/video_step.md.
+first step (tracemalloc does not see torch's allocations). Children run in rotating order over --rounds rounds, so
+the sides meet the same machine load; the step time is the median over all timed steps of all rounds, the memory
+the median over rounds. The first-step loss of every side is printed: the three compute the same log-probs, so it
+agrees to ~1e-5. Writes bench/results/video_step.md and bench/results/video_step.json (per frame count: each side's
+wall and CPU ms, speed-ups over naive and prefix-shared over vision-once, peak MiB).
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-SIDES = ("naive", "lean")
+SIDES = ("naive", "vision_once", "prefix_shared", "prefix_cached")
+# Targets of issue 13 at 32 frames: prefix-shared over naive, over vision-once (CPU time), memory vs vision-once.
+TARGETS = {"speedup_prefix_shared": 2.5, "prefix_shared_over_vision_once": 1.4, "memory_prefix_over_vision_once": 1.0}
 WORDS = ("the red square moves left across the video and then the blue circle rises slowly while a green star "
          "spins clockwise near the top corner of the frame").split()
 
@@ -84,7 +91,7 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from leanpo_core import models, train
+    from leanpo_core import features, models, train
     from leanpo_core.config import TrainConfig
 
     if args.threads:
@@ -107,14 +114,17 @@ def child(args) -> dict:
                       "rejected": adapter.encode(processor, frames, prompt, rejected, meta=meta),
                       "chosen_baseline": float("nan"), "rejected_baseline": float("nan")})
     tokenizer = processor.tokenizer
-    batch = train.PairCollator(tokenizer.pad_token_id)(items)
-    policy = train.PairPolicy(model, adapter, config.logits_chunk_size)
+    for p, item in enumerate(items):
+        item[features.VIDEO_IDS] = f"video-{p}"
+    batch = train.PairCollator(tokenizer.pad_token_id, prefix_sharing=args.side.startswith("prefix"))(items)
+    cache = features.FeatureCache(2**30) if args.side == "prefix_cached" else None
+    policy = train.PairPolicy(model, adapter, config.logits_chunk_size, cache)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     pair_inputs = {k: v for k, v in batch.items() if k not in train._SIDE_INFO}
 
     def step() -> float:
-        if args.side == "lean":
+        if args.side != "naive":
             sums, counts = policy(**pair_inputs)
         else:
             sums, counts = train.naive_pair_logps(model, batch)
@@ -130,11 +140,9 @@ def child(args) -> dict:
     for _ in range(args.warmup - 1):
         step()
     times, cpu_times = common.time_steps(step, args.steps)
-    labels = batch["labels"]
     return {"times": times, "cpu_times": cpu_times, "first_loss": first_loss,
             "peak_delta_mib": (common.proc_status_kib("VmHWM") - rss_before) / 1024,
-            "peak_mib": common.proc_status_kib("VmHWM") / 1024, "tokens_per_seq": int(labels.shape[1]),
-            "response_tokens": int((labels[:, 1:] != -100).sum()) // labels.shape[0],
+            "peak_mib": common.proc_status_kib("VmHWM") / 1024, "lm_tokens": int(batch["input_ids"].numel()),
             "threads": torch.get_num_threads()}
 
 
@@ -169,43 +177,68 @@ def main(argv: list[str] | None = None) -> str:
     results: dict[tuple[int, str], list[dict]] = {}
     for frames in args.frames:
         for r in range(args.rounds):
-            for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+            for side in SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]:
                 child_argv = [__file__, "--child", side, "--model", str(folder), "--frames", str(frames),
                               "--steps", str(args.steps), "--warmup", str(args.warmup), "--pairs", str(args.pairs),
                               "--response-tokens", str(args.response_tokens), "--size", str(args.size),
                               "--threads", str(args.threads)]
                 out = common.run_child(child_argv)
                 results.setdefault((frames, side), []).append(out)
-                print(f"frames {frames:3d} {side:5s} round {r}: step {common.median(out['times']):.3f} s, "
+                print(f"frames {frames:3d} {side:13s} round {r}: step {common.median(out['times']):.3f} s, "
                       f"peak +{out['peak_delta_mib']:.0f} MiB, loss {out['first_loss']:.6f}", flush=True)
 
-    rows = []
+    summary, rows = {}, []
     for frames in args.frames:
-        t = {s: common.median([x for o in results[(frames, s)] for x in o["times"]]) for s in SIDES}
-        c = {s: common.median([x for o in results[(frames, s)] for x in o["cpu_times"]]) for s in SIDES}
-        m = {s: common.median([o["peak_delta_mib"] for o in results[(frames, s)]]) for s in SIDES}
-        first = results[(frames, "lean")][0]
-        loss_gap = abs(results[(frames, "lean")][0]["first_loss"] - results[(frames, "naive")][0]["first_loss"])
-        rows.append([str(frames), str(first["tokens_per_seq"]), f"{1000 * t['naive']:.0f}", f"{1000 * t['lean']:.0f}",
-                     f"**{t['naive'] / t['lean']:.2f}x**", f"{1000 * c['naive']:.0f}", f"{1000 * c['lean']:.0f}",
-                     f"**{c['naive'] / c['lean']:.2f}x**", f"{m['naive']:.0f}", f"{m['lean']:.0f}",
-                     f"{m['lean'] / m['naive']:.2f}", f"{loss_gap:.1e}"])
-    threads = results[(args.frames[0], "lean")][0]["threads"]
-    body = [f"Model: random Qwen2-VL, LLM hidden {args.hidden} x {args.layers} layers, vocabulary {args.vocab}, "
-            f"vision tower {args.vision_embed} wide x {args.vision_depth} blocks (frozen), {args.size}x{args.size} "
-            f"frames; {args.pairs} pair(s) per step, ~{args.response_tokens}-token responses; fp32, gradient "
-            f"checkpointing, AdamW; torch threads {threads}; {common.versions('torch', 'transformers')}. "
-            "Each (frames, side) in a fresh process, "
-            f"{args.rounds} round(s) in alternating order, {args.warmup} warm-up + {args.steps} timed steps each; "
-            "medians. CPU time = the child's process time per step (with one torch thread it is what the step "
-            "costs, much less disturbed than wall time when other jobs share the cores). Peak = VmHWM above the RSS "
-            "just before the first step (gradients and AdamW state included, the same on both sides). With a load "
-            "average above the core count, other jobs shared the cores: read the CPU-time ratios.", "",
-            *common.table(["frames", "tokens per sequence", "naive step ms", "lean step ms", "speed-up (wall)",
-                           "naive CPU ms", "lean CPU ms", "speed-up (CPU time)",
-                           "naive peak MiB", "lean peak MiB", "lean / naive memory", "first-loss gap"], rows), ""]
-    text = common.write_result("video_step", "Video training step: lean pair forward vs naive",
+        runs = {s: results[(frames, s)] for s in SIDES}
+        wall = {s: common.median([x for o in runs[s] for x in o["times"]]) for s in SIDES}
+        cpu = {s: common.median([x for o in runs[s] for x in o["cpu_times"]]) for s in SIDES}
+        peak = {s: common.median([o["peak_delta_mib"] for o in runs[s]]) for s in SIDES}
+        gap = max(abs(runs[s][0]["first_loss"] - runs["naive"][0]["first_loss"]) for s in SIDES)
+        entry = {f"{s}_ms": round(1000 * cpu[s], 1) for s in SIDES}
+        entry.update({f"{s}_wall_ms": round(1000 * wall[s], 1) for s in SIDES})
+        entry.update({"speedup_vision_once": round(cpu["naive"] / cpu["vision_once"], 3),
+                      "speedup_prefix_shared": round(cpu["naive"] / cpu["prefix_shared"], 3),
+                      "speedup_prefix_cached": round(cpu["naive"] / cpu["prefix_cached"], 3),
+                      "prefix_shared_over_vision_once": round(cpu["vision_once"] / cpu["prefix_shared"], 3),
+                      "cache_over_no_cache": round(cpu["prefix_shared"] / cpu["prefix_cached"], 3),
+                      "memory_prefix_over_vision_once": round(peak["prefix_shared"] / peak["vision_once"], 3),
+                      "peak_mib": {s: round(peak[s], 1) for s in SIDES},
+                      "language_model_tokens": {s: runs[s][0]["lm_tokens"] for s in SIDES},
+                      "first_loss_gap": gap})
+        summary[str(frames)] = entry
+        rows.append([str(frames), f"{runs['vision_once'][0]['lm_tokens']} -> {runs['prefix_shared'][0]['lm_tokens']}",
+                     *(f"{1000 * cpu[s]:.0f}" for s in SIDES), f"{entry['speedup_vision_once']:.2f}x",
+                     f"**{entry['speedup_prefix_shared']:.2f}x**", f"**{entry['prefix_shared_over_vision_once']:.2f}x**",
+                     f"{entry['cache_over_no_cache']:.2f}x", " / ".join(f"{peak[s]:.0f}" for s in SIDES),
+                     f"{gap:.1e}"])
+    threads = results[(args.frames[0], "naive")][0]["threads"]
+    verdicts = []
+    if "32" in summary:
+        at32 = summary["32"]
+        for key, target in TARGETS.items():
+            value = at32[key]
+            met = value <= target if key.startswith("memory") else value >= target
+            verdicts.append(f"- {key} at 32 frames: {value:.2f} (target {'<=' if key.startswith('memory') else '>='} "
+                            f"{target}): **{'met' if met else 'missed'}**")
+    shape_line = (f"Model: random Qwen2-VL, LLM hidden {args.hidden} x {args.layers} layers, vocabulary {args.vocab}, "
+                  f"vision tower {args.vision_embed} wide x {args.vision_depth} blocks (frozen), {args.size}x{args.size} "
+                  f"frames; {args.pairs} pair(s) per step, ~{args.response_tokens}-token responses; fp32, gradient "
+                  f"checkpointing, AdamW; torch threads {threads}; {common.versions('torch', 'transformers')}.")
+    body = [shape_line + " Each (frames, side) in a fresh process, "
+            f"{args.rounds} round(s) in rotating order, {args.warmup} warm-up + {args.steps} timed steps each; "
+            "medians. Step times are CPU time (the child's process time per step: with one torch thread it is what "
+            "the step costs, little disturbed by other jobs on the cores; wall times are in the JSON). Peak = VmHWM "
+            "above the RSS just before the first step (gradients and AdamW state included, the same on every side). "
+            "LM tokens = the language model's input rows x length per step.", "",
+            *common.table(["frames", "LM tokens (two rows -> one)", "naive ms", "vision-once ms", "prefix-shared ms",
+                           "prefix-shared + cache ms", "vision-once / naive", "prefix-shared / naive",
+                           "prefix-shared / vision-once", "cache gain", "peak MiB (same order)", "first-loss gap"],
+                          rows), "",
+            *verdicts, ""]
+    text = common.write_result("video_step", "Video training step: naive, vision-once, prefix-shared (+ feature cache)",
                                common.command_line("video_step_bench.py", argv), body)
+    common.write_json("video_step", {"command": common.command_line("video_step_bench.py", argv),
+                                     "model": shape_line, "targets_at_32_frames": TARGETS, "frames": summary})
     print(text)
     return text
 

@@ -163,6 +163,9 @@ class TrainConfig(StageConfig):
                                  "sequences). Needs attention that takes a 4-D mask (sdpa, eager); with "
                                  "flash_attention_2/3 the trainer uses two sequences per pair and says so.")
     freeze_vision: bool = Field(True, description="Freeze the vision tower and projector.")
+    vision_feature_cache_mib: int = Field(2048, ge=0, description="CPU memory (MiB) for the frozen vision tower's "
+                                          "output per video, computed once and reused by later epochs (0: off; "
+                                          "unused when freeze_vision is off or under zero3).")
     lora: bool = Field(False, description="Train LoRA adapters (peft) instead of the full language model.")
     lora_rank: int = Field(16, ge=1, description="LoRA rank.")
     deepspeed: Literal["none", "zero2", "zero3"] = Field("zero2", description="DeepSpeed ZeRO stage config.")

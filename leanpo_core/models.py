@@ -148,7 +148,26 @@ class FamilyAdapter:
                 second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=mask)[0]
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def shared_video_hidden_states(self, model, batch: Mapping[str, Any], copies: int,
+    def select_videos(self, inputs: Mapping[str, Any], indices: list[int]) -> dict[str, torch.Tensor]:
+        """The vision inputs of videos `indices` of a batch (Qwen: each video's patch rows, counted by its grid)."""
+        pixels = inputs[VIDEO_PIXELS]
+        if "video_grid_thw" in inputs:
+            ends = inputs["video_grid_thw"].prod(-1).cumsum(0).tolist()
+            starts = [0] + ends[:-1]
+            selected = {VIDEO_PIXELS: torch.cat([pixels[starts[i]:ends[i]] for i in indices])}
+        else:
+            selected = {VIDEO_PIXELS: pixels[indices]}
+        selected.update({k: inputs[k][indices] for k in _PER_VIDEO if k in inputs})
+        return selected
+
+    def pixel_shapes(self, inputs: Mapping[str, Any]) -> list[tuple[int, ...]]:
+        """Per video of a batch, the shape of what the tower sees (Qwen: its patch grid; LLaVA: frames, channels,
+        height, width): with the frames, it fixes the tower's output."""
+        if "video_grid_thw" in inputs:
+            return [tuple(row) for row in inputs["video_grid_thw"].tolist()]
+        return [tuple(video.shape) for video in inputs[VIDEO_PIXELS]]
+
+    def shared_video_hidden_states(self, model, batch: Mapping[str, Any], copies: int, features=None,
                                    **overrides: torch.Tensor) -> torch.Tensor:
         """Last hidden states (copies*B, L, hidden) of sequences that reuse B videos, the vision tower run once.
 
@@ -156,9 +175,10 @@ class FamilyAdapter:
         vision inputs of the B videos only. The video features are computed once and handed to the backbone as
         precomputed encoder outputs (transformers 5's `mm_encoder_outputs`), so the model itself scatters them at
         the placeholders and builds its positions (Qwen: the 3-D rope index of `prepare_model`), as in `model(...)`.
-        `overrides` replace backbone inputs (`prefix.pair_logps` passes a 4-D attention_mask and position_ids).
+        `features`: the vision output when already computed (`features.cached_video_features`); `overrides`
+        replace backbone inputs (`prefix.pair_logps` passes a 4-D attention_mask and position_ids).
         """
-        features = self.video_features(model, batch)
+        features = features if features is not None else self.video_features(model, batch)
         pooled = features.pooler_output  # Qwen, LLaVA-NeXT-Video: one tensor per video; OneVision: (B, tokens, H)
         features.pooler_output = (tuple(pooled) * copies if isinstance(pooled, (tuple, list))
                                   else torch.cat([pooled] * copies, dim=0))

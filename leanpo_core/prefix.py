@@ -112,14 +112,17 @@ def score_index(labels: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor
     return rows, hidden_pos, targets, rows + is_rejected.long() * labels.shape[0]
 
 
-def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0,
+               features=None) -> tuple[Tensor, Tensor]:
     """(sums, counts) of response log-probs, each (2B,), chosen rows first, from B joined rows: the vision tower
-    once per pair, the prompt once per pair, logits only at response positions."""
+    once per pair (or never: `features`, its output when already computed), the prompt once per pair, logits only
+    at response positions."""
     lengths, ids = batch[LENGTHS], batch["input_ids"]
     implementation = getattr(models.unwrap(model).config, "_attn_implementation", None) or "eager"
     mask = attention_mask(lengths.to(ids.device), ids.shape[1], implementation)
     hidden = adapter.shared_video_hidden_states(  # reads the model inputs of `batch`, nothing else
-        model, batch, copies=1, attention_mask=mask, position_ids=positions(model, adapter, batch, lengths))
+        model, batch, copies=1, features=features, attention_mask=mask,
+        position_ids=positions(model, adapter, batch, lengths))
     rows, hidden_pos, targets, sequences = score_index(batch["labels"], lengths)
     return logps.scored_logps(hidden, models.output_projection(model), rows, hidden_pos, targets, sequences,
                               2 * lengths.shape[0], chunk_size)

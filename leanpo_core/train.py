@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leanpo_core import features as features_mod
 from leanpo_core import frames as frames_mod
 from leanpo_core import io, logps, loss, models, prefix, prompts, schemas
 from leanpo_core.config import TrainConfig, load_config
@@ -149,7 +150,8 @@ class PairsDataset(torch.utils.data.Dataset):
                             for side in ("chosen", "rejected"))
         return {"chosen": self._truncate(chosen, row), "rejected": self._truncate(rejected, row),
                 "chosen_baseline": displacement_baseline(row, "chosen"),
-                "rejected_baseline": displacement_baseline(row, "rejected")}
+                "rejected_baseline": displacement_baseline(row, "rejected"),
+                features_mod.VIDEO_IDS: f"{row['video_key']}@{','.join(map(str, wanted))}"}
 
     def _truncate(self, inputs: dict, row: dict) -> dict:
         """Cut the response tail past max_length; the prompt (with its video tokens) must fit whole."""
@@ -205,6 +207,8 @@ class PairCollator:
                 batch[key] = torch.cat([seq[key] for seq in videos], dim=0)
         for side in _SIDE_INFO:
             batch[side] = torch.tensor([it[side] for it in items], dtype=torch.float64)
+        if all(features_mod.VIDEO_IDS in it for it in items):
+            batch[features_mod.VIDEO_IDS] = [it[features_mod.VIDEO_IDS] for it in items]
         return batch
 
 
@@ -212,16 +216,22 @@ class PairCollator:
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in _SIDE_INFO and k not in ("labels", prefix.LENGTHS)}
+    return {k: v for k, v in batch.items()
+            if k not in _SIDE_INFO and k not in ("labels", prefix.LENGTHS, features_mod.VIDEO_IDS)}
 
 
-def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0):
+def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0,
+               cache: features_mod.FeatureCache | None = None):
     """Lean path: (sums, counts) of response log-probs, each (2B,), chosen rows first; vision once per pair,
     logits only at response positions; the prompt once per pair too when the batch holds joined rows
-    (`PairCollator(prefix_sharing=True)`, `prefix.pair_logps`)."""
+    (`PairCollator(prefix_sharing=True)`, `prefix.pair_logps`). With a `cache` (frozen tower) and the batch's
+    video ids, a video's features are computed once per process (`features.cached_video_features`)."""
+    features = None
+    if cache is not None and features_mod.VIDEO_IDS in batch:
+        features = features_mod.cached_video_features(adapter, model, batch, batch[features_mod.VIDEO_IDS], cache)
     if prefix.LENGTHS in batch:
-        return prefix.pair_logps(model, adapter, batch, chunk_size)
-    hidden = adapter.shared_video_hidden_states(model, model_inputs(batch), copies=2)
+        return prefix.pair_logps(model, adapter, batch, chunk_size, features=features)
+    hidden = adapter.shared_video_hidden_states(model, model_inputs(batch), copies=2, features=features)
     return logps.response_logps(hidden, batch["labels"], models.output_projection(model), chunk_size)
 
 
@@ -233,13 +243,14 @@ class PairPolicy(torch.nn.Module):
     DeepSpeed hooks its forward too.
     """
 
-    def __init__(self, model, adapter: models.FamilyAdapter, chunk_size: int = 0):
+    def __init__(self, model, adapter: models.FamilyAdapter, chunk_size: int = 0,
+                 cache: features_mod.FeatureCache | None = None):
         super().__init__()
-        self.model, self.adapter, self.chunk_size = model, adapter, chunk_size
+        self.model, self.adapter, self.chunk_size, self.cache = model, adapter, chunk_size, cache
         self.config = models.unwrap(model).config
 
     def forward(self, **batch):
-        return pair_logps(self.model, self.adapter, batch, self.chunk_size)
+        return pair_logps(self.model, self.adapter, batch, self.chunk_size, self.cache)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.model.gradient_checkpointing_enable(**kwargs)
@@ -550,10 +561,14 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
     dataset = PairsDataset(pairs_uri, frames_uri, processor, adapter, config.max_length, options)
     tokenizer = getattr(processor, "tokenizer", processor)
     sharing = config.prefix_sharing and _prefix_sharing_possible(model)
+    cache = None  # a tower that trains changes its features; under ZeRO-3 running it is collective (features.py)
+    if config.freeze_vision and config.vision_feature_cache_mib > 0 and config.deepspeed != "zero3":
+        cache = features_mod.FeatureCache(config.vision_feature_cache_mib * 2**20)
     args = _training_arguments(config, output_dir)
     trainer_cls = _make_trainer_class()
     run_id = run_id or Path(output_dir).name
-    trainer = trainer_cls(model=PairPolicy(model, adapter, config.logits_chunk_size), args=args, train_dataset=dataset,
+    policy = PairPolicy(model, adapter, config.logits_chunk_size, cache)
+    trainer = trainer_cls(model=policy, args=args, train_dataset=dataset,
                           data_collator=PairCollator(tokenizer.pad_token_id or 0, sharing, chosen_only=sharing and config.objective == "sft"),
                           leanpo_config=config,
                           adapter=adapter, run_id=run_id, ref_model=ref_model, storage=options)
