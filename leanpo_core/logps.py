@@ -39,9 +39,10 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         acc = _accumulation_dtype(hidden)
         h = hidden.to(acc)
         lse = torch.full((h.shape[0],), float("-inf"), device=h.device, dtype=acc)
-        for start in range(0, weight.shape[0], chunk_size):
-            logits = h @ weight[start:start + chunk_size].to(acc).T
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        with torch.autocast(h.device.type, enabled=False):  # else autocast runs h @ w.T (CPU: logsumexp too) in bf16
+            for start in range(0, weight.shape[0], chunk_size):
+                logits = h @ weight[start:start + chunk_size].to(acc).T
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
         target_logits = (h * weight[targets].to(acc)).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
@@ -55,16 +56,17 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         rows = torch.arange(h.shape[0], device=h.device)
-        for start in range(0, weight.shape[0], ctx.chunk_size):
-            w = weight[start:start + ctx.chunk_size].to(acc)
-            # d/dlogits of (logit[target] - lse) = onehot(target) - softmax
-            g = -torch.exp(h @ w.T - lse[:, None]) * g_out[:, None]
-            in_chunk = (targets >= start) & (targets < start + w.shape[0])
-            g[rows[in_chunk], targets[in_chunk] - start] += g_out[in_chunk]
-            if grad_h is not None:
-                grad_h += g @ w
-            if grad_w is not None:
-                grad_w[start:start + w.shape[0]] = g.T @ h
+        with torch.autocast(h.device.type, enabled=False):  # a backward called inside autocast: same fp32 softmax
+            for start in range(0, weight.shape[0], ctx.chunk_size):
+                w = weight[start:start + ctx.chunk_size].to(acc)
+                # d/dlogits of (logit[target] - lse) = onehot(target) - softmax
+                g = -torch.exp(h @ w.T - lse[:, None]) * g_out[:, None]
+                in_chunk = (targets >= start) & (targets < start + w.shape[0])
+                g[rows[in_chunk], targets[in_chunk] - start] += g_out[in_chunk]
+                if grad_h is not None:
+                    grad_h += g @ w
+                if grad_w is not None:
+                    grad_w[start:start + w.shape[0]] = g.T @ h
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,

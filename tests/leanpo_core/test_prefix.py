@@ -12,25 +12,14 @@ from leanpo_core import models, prefix, train
 from leanpo_core.config import TrainConfig
 
 from .conftest import FAMILIES
-from .test_train import _config, _count_videos, pair_data  # noqa: F401 (fixture)
+from .test_train import _config, _count_videos, _pair_items, pair_data  # noqa: F401 (fixture)
 
 TEXTS = [("What moves?", " a red square moves left", " a blue circle"),
          ("What colour is the square in the video?", " red", " it is green and large and slow")]
 
 
 def _items(processor, adapter, video, texts=TEXTS):
-    """Encoded pairs on the fixture video's first 4 frames; prompts and responses of different lengths."""
-    frames, meta = video
-    clip = frames[:4]
-    meta = models.video_metadata(clip, fps=meta["fps"], frames_indices=meta["frames_indices"][:4],
-                                 total_num_frames=meta["total_num_frames"])
-    items = []
-    for question, chosen, rejected in texts:
-        prompt = adapter.build_prompt(processor, question)
-        items.append({"chosen": adapter.encode(processor, clip, prompt, chosen, meta=meta),
-                      "rejected": adapter.encode(processor, clip, prompt, rejected, meta=meta),
-                      "chosen_baseline": -2.0, "rejected_baseline": -3.0})
-    return items
+    return _pair_items(processor, adapter, video, texts)
 
 
 def _batches(processor, items):

@@ -23,8 +23,8 @@ from leanpo_core.config import TrainConfig
 from .conftest import FAMILIES
 
 
-def _pair_batch(processor, adapter, video, texts):
-    """A collated batch of pairs on the fixture video (first 4 frames), one (chosen, rejected) per entry."""
+def _pair_items(processor, adapter, video, texts):
+    """Encoded pairs on the fixture video (first 4 frames), one (chosen, rejected) per (question, chosen, rejected)."""
     frames, meta = video
     clip = frames[:4]
     meta = models.video_metadata(clip, fps=meta["fps"], frames_indices=meta["frames_indices"][:4],
@@ -35,8 +35,13 @@ def _pair_batch(processor, adapter, video, texts):
         items.append({"chosen": adapter.encode(processor, clip, prompt, chosen, meta=meta),
                       "rejected": adapter.encode(processor, clip, prompt, rejected, meta=meta),
                       "chosen_baseline": -2.0, "rejected_baseline": -3.0})
+    return items
+
+
+def _pair_batch(processor, adapter, video, texts, prefix_sharing: bool = False):
+    """Those pairs collated: two rows per pair, or one joined row with `prefix_sharing`."""
     pad = getattr(processor, "tokenizer", processor).pad_token_id or 0
-    return train.PairCollator(pad)(items)
+    return train.PairCollator(pad, prefix_sharing)(_pair_items(processor, adapter, video, texts))
 
 
 def _lm_grads(model, value):
