@@ -10,10 +10,12 @@ from a config with random weights. Model: a Qwen2-VL whose language model has Qw
 24 layers, 14 heads / 2 KV heads, MLP 4864, vocabulary 151936, tied embeddings) and Qwen2-VL's vision tower
 (1280 wide, 32 blocks, frozen), bf16 weights (no fp32 master copy), gradient checkpointing, fused AdamW (lr 1e-6).
 Batch: one pair, a random-pixel 448x448 video of --frames frames (256 video tokens per 2 frames), a short question,
-chosen and rejected responses of --response-tokens tokens. Three sides, all on the same model and batch:
+chosen and rejected responses of --response-tokens tokens. Four sides, all on the same model and pair:
 
-  project      `train.PairPolicy` + `train.objective_loss` (LeanPO), as the Trainer's compute_loss: the vision
-               tower once per pair, logits only at response positions
+  project      `train.PairPolicy` + `train.objective_loss` (LeanPO), as the Trainer's compute_loss by default: one
+               `[prompt | chosen | rejected]` row per pair (prefix sharing: the prompt's video tokens through the
+               language model once), the vision tower once, logits only at response positions
+  vision_once  the same with `prefix_sharing` off: two rows per pair, the vision tower once
   handwritten  a minimal PyTorch step: `model.model(...)` on both sequences (each with its own copy of the video),
                hidden states gathered at response positions, LM head + fp32 log-softmax there only, the SimPO loss
                (reference-free); no project code in the step
@@ -25,8 +27,9 @@ peak memory = torch.cuda.max_memory_allocated over the timed steps (reset before
 FLOPs / step time, where useful FLOPs count: the trained LLM forward+backward over all tokens (6 N T, N the LLM's
 non-embedding parameters, plus causal attention 6 L d S^2 per sequence), the LM head at response positions only
 (6 V d R), the vision tower forward once per video (2 N_vision P, P patches), and for DPO the reference forward
-(2 N T + 2 L d S^2 + 2 V d R + the vision forward). Recomputation by checkpointing is not counted (so TFLOP/s is
-comparable across sides). The run stops starting new configurations after --budget-s seconds.
+(2 N T + 2 L d S^2 + 2 V d R + the vision forward). T and S are those of the pair's two separate sequences on every
+side (the work a pair asks for, however a side arranges it), and recomputation by checkpointing is not counted, so
+TFLOP/s is comparable across sides. The run stops starting new configurations after --budget-s seconds.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from leanpo_core import models, train  # noqa: E402
 from leanpo_core.config import TrainConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SIDES = ("project", "handwritten", "dpo")
+SIDES = ("project", "vision_once", "handwritten", "dpo")
 FULL = dict(hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864, vocab=151936, vision_embed=1280, vision_depth=32,
             vision_heads=16, size=448)
 SMOKE = dict(hidden=128, layers=2, heads=2, kv_heads=1, mlp=256, vocab=4096, vision_embed=64, vision_depth=2,
@@ -88,7 +91,8 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype):
     return adapter.prepare_model(model), processor, adapter
 
 
-def make_batch(processor, adapter, frames: int, size: int, response_tokens: int, device) -> dict:
+def make_batch(processor, adapter, frames: int, size: int, response_tokens: int, device,
+               prefix_sharing: bool = False) -> dict:
     rng = np.random.default_rng(frames)
     clip = rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
     meta = models.video_metadata(clip, fps=2.0)
@@ -102,7 +106,7 @@ def make_batch(processor, adapter, frames: int, size: int, response_tokens: int,
     item = {"chosen": adapter.encode(processor, clip, prompt, responses[0], meta=meta),
             "rejected": adapter.encode(processor, clip, prompt, responses[1], meta=meta),
             "chosen_baseline": float("nan"), "rejected_baseline": float("nan")}
-    batch = train.PairCollator(tokenizer.pad_token_id)([item])
+    batch = train.PairCollator(tokenizer.pad_token_id, prefix_sharing)([item])
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -141,7 +145,7 @@ def useful_flops(model, batch: dict, dpo: bool) -> float:
     return 3 * forward + vision + ((forward + vision) if dpo else 0)
 
 
-def measure(side: str, model, ref_model, adapter, batch: dict, args, device) -> dict:
+def measure(side: str, model, ref_model, adapter, batch: dict, args, device, flops: float) -> dict:
     config = TrainConfig(model="bench", objective="dpo" if side == "dpo" else "leanpo")
     policy = train.PairPolicy(model, adapter)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -179,7 +183,7 @@ def measure(side: str, model, ref_model, adapter, batch: dict, args, device) -> 
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     seconds = statistics.median(times)
     return {"ms": 1000 * seconds, "peak_gib": peak,
-            "tflops": useful_flops(model, batch, side == "dpo") / seconds / 1e12}
+            "tflops": flops / seconds / 1e12}
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -216,12 +220,15 @@ def main(argv: list[str] | None = None) -> str:
             skipped.append(frames)
             continue
         batch = make_batch(processor, adapter, frames, shape["size"], args.response_tokens, device)
+        joined = make_batch(processor, adapter, frames, shape["size"], args.response_tokens, device, True)
         tokens = int(batch["input_ids"].shape[1])
         results = {}
         for side in SIDES:
             if side == "dpo":  # the reference lives on the device only for its own side, so the other peaks exclude it
                 ref_model.to(device)
-            results[side] = measure(side, model, ref_model, adapter, batch, args, device)
+            flops = useful_flops(model, batch, side == "dpo")
+            side_batch = batch if side in ("vision_once", "handwritten") else joined
+            results[side] = measure(side, model, ref_model, adapter, side_batch, args, device, flops)
             ref_model.to("cpu")
         for side in SIDES:
             r = results[side]
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import transformers
 
-    lines = ["# Video training step on one GPU: project vs hand-written vs DPO", "",
+    lines = ["# Video training step on one GPU: project (prefix-shared) vs vision-once vs hand-written vs DPO", "",
              f"`{command}`, {now}, on {name} ({platform.node()}); torch {torch.__version__}, transformers "
              f"{transformers.__version__}; {'SMOKE sizes, numbers meaningless' if args.smoke else 'bf16'}; "
              f"{args.warmup} warm-up + {args.steps} timed steps, medians; {time.perf_counter() - started:.0f} s "
