@@ -8,9 +8,10 @@ side; same pairs (--pairs per step, prompts of P tokens, chosen and rejected res
 token, from a word-level tokenizer so the counts are exact); fp32 on CPU, gradient checkpointing (non-reentrant),
 AdamW, lr 1e-6, one optimizer step per batch:
 
-  leanpo  this project: `logps.model_response_logps` (backbone hidden states, logits only at response positions,
-          as the trainer's pair forward) + `loss.leanpo_loss` + backward + AdamW step (a plain loop: the project's
-          Trainer subclass adds nothing per step that matters at these step times)
+  leanpo  this project: `prefix.pair_logps` as the trainer's default pair forward runs it (one `[prompt | chosen |
+          rejected]` row per pair: the prompt read once; backbone hidden states, logits only at response positions)
+          + `loss.leanpo_loss` + backward + AdamW step (a plain loop: the project's Trainer subclass adds nothing
+          per step that matters at these step times)
   dpo     TRL `DPOTrainer` (sigmoid loss, beta 0.1), its reference model a frozen copy run every step (the default)
   simpo   TRL's reference-free SimPO: in TRL 1.x `trl.experimental.cpo.CPOTrainer` with loss_type="simpo",
           cpo_alpha=0 (SimPO proper: no NLL term), beta 2, gamma 0.5
@@ -20,7 +21,8 @@ trl and torch; it resolves its own transformers, recorded in the results). Each 
 process (TRL sides under that venv's python): --warmup untimed steps, then --steps timed ones (TRL: a TrainerCallback
 times on_step_begin -> on_step_end, so dataset tokenisation and set-up are excluded). Peak memory: VmHWM above the
 RSS just before the first step (both models, TRL's reference included, are loaded by then). Children run in
-alternating order over --rounds rounds; medians. Writes bench/results/trl_step.md.
+alternating order over --rounds rounds; medians. Writes bench/results/trl_step.md and trl_step.json (per shape:
+`leanpo_over_simpo_cpu` and the other ratios, the sides' CPU/wall ms and memory).
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def child_leanpo(args) -> dict:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     sys.path.insert(0, str(common.ROOT))
-    from leanpo_core import logps, loss, models
+    from leanpo_core import loss, prefix, train
 
     tok = PreTrainedTokenizerFast.from_pretrained(args.model)  # AutoTokenizer would pick Qwen2Tokenizer
     check_lengths(tok, args)
@@ -123,11 +125,12 @@ def child_leanpo(args) -> dict:
                 "labels": torch.tensor([[-100] * len(p) + r])}
 
     texts = [pair_texts(args, i) for i in range(args.pairs)]
-    rows = [encode(t["prompt"], t["chosen"]) for t in texts] + [encode(t["prompt"], t["rejected"]) for t in texts]
-    batch = models.collate(rows, tok.pad_token_id)
+    items = [{"chosen": encode(t["prompt"], t["chosen"]), "rejected": encode(t["prompt"], t["rejected"]),
+              "chosen_baseline": float("nan"), "rejected_baseline": float("nan")} for t in texts]
+    batch = train.PairCollator(tok.pad_token_id, prefix_sharing=True)(items)
 
     def step() -> None:
-        sums, counts = logps.model_response_logps(model, batch)
+        sums, counts = prefix.pair_logps(model, None, batch)
         half = sums.shape[0] // 2
         out = loss.leanpo_loss(sums[:half], counts[:half], sums[half:], counts[half:])
         out.loss.backward()
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> str:
                 print(f"{spec} {side:6s} round {r}: step {common.median(out['times']):.3f} s, "
                       f"peak +{out['peak_delta_mib']:.0f} MiB", flush=True)
 
-    rows, verdicts = [], []
+    rows, verdicts, summary = [], [], {}
     for spec in args.shapes:
         t = {s: common.median([x for o in results[(spec, s)] for x in o["times"]]) for s in SIDES}
         c = {s: common.median([x for o in results[(spec, s)] for x in o["cpu_times"]]) for s in SIDES}
@@ -254,11 +257,18 @@ def main(argv: list[str] | None = None) -> str:
                      f"**{c['leanpo'] / c['dpo']:.2f}**", f"**{c['leanpo'] / c['simpo']:.2f}**",
                      *(f"{m[s]:.0f}" for s in SIDES), f"{m['leanpo'] / m['dpo']:.2f}",
                      f"**{m['leanpo'] / m['simpo']:.2f}**", *(f"{a[s]:.0f}" for s in SIDES)])
+        summary[spec] = {"leanpo_over_simpo_cpu": round(c["leanpo"] / c["simpo"], 3),
+                         "leanpo_over_dpo_cpu": round(c["leanpo"] / c["dpo"], 3),
+                         "leanpo_over_simpo_wall": round(t["leanpo"] / t["simpo"], 3),
+                         "leanpo_over_simpo_memory": round(m["leanpo"] / m["simpo"], 3),
+                         "cpu_ms": {s: round(1000 * c[s], 1) for s in SIDES},
+                         "wall_ms": {s: round(1000 * t[s], 1) for s in SIDES},
+                         "peak_delta_mib": {s: round(m[s], 1) for s in SIDES}}
         if spec == args.shapes[-1]:
             for label, ratio, target in (("leanpo / DPO step (CPU time)", c["leanpo"] / c["dpo"], 0.75),
                                          ("leanpo / DPO step (wall)", t["leanpo"] / t["dpo"], 0.75),
-                                         ("leanpo / SimPO step (CPU time)", c["leanpo"] / c["simpo"], 1.0),
-                                         ("leanpo / SimPO step (wall)", t["leanpo"] / t["simpo"], 1.0),
+                                         ("leanpo / SimPO step (CPU time)", c["leanpo"] / c["simpo"], 0.6),
+                                         ("leanpo / SimPO step (wall)", t["leanpo"] / t["simpo"], 0.6),
                                          ("leanpo / SimPO peak memory", m["leanpo"] / m["simpo"], 0.7)):
                 verdicts.append(f"{label} {ratio:.2f} (target <= {target}: {'met' if ratio <= target else 'missed'})")
     trl_versions = results[(args.shapes[0], "dpo")][0]["versions"]
@@ -281,6 +291,10 @@ def main(argv: list[str] | None = None) -> str:
             f"At {args.shapes[-1].replace(':', ' + ')} tokens: " + "; ".join(verdicts) + ".", ""]
     text = common.write_result("trl_step", "Text preference step: LeanPO vs TRL DPO and SimPO",
                                common.command_line("trl_step_bench.py", argv), body)
+    common.write_json("trl_step", {"command": common.command_line("trl_step_bench.py", argv), "trl": trl_versions,
+                                   "targets_at_last_shape": {"leanpo_over_simpo_cpu": 0.6, "leanpo_over_dpo_cpu": 0.75,
+                                                             "leanpo_over_simpo_memory": 0.7},
+                                   "shapes": summary})
     print(text)
     return text
 

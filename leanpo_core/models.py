@@ -146,7 +146,7 @@ class FamilyAdapter:
             return unwrap(model).model.get_rope_index(
                 inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs.get("video_grid_thw"),
                 second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=mask)[0]
-        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return flat_positions(mask)
 
     def select_videos(self, inputs: Mapping[str, Any], indices: list[int]) -> dict[str, torch.Tensor]:
         """The vision inputs of videos `indices` of a batch (Qwen: each video's patch rows, counted by its grid)."""
@@ -201,6 +201,11 @@ class FamilyAdapter:
         """Keyword arguments for `vllm.LLM(...)`: one video per prompt and no images (so vLLM reserves no image
         budget), then `overrides`. None of the four families needs more on vLLM 0.32 (no mm_processor_kwargs)."""
         return {"limit_mm_per_prompt": {"video": 1, "image": 0}, **overrides}
+
+
+def flat_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions 0..n-1 over each right-padded row's real tokens (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def mrope_positions(mm_token_type_ids: torch.Tensor, grids: Mapping[int, list[list[int]]], spatial_merge_size: int,

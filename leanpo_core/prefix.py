@@ -88,10 +88,11 @@ def attention_mask(lengths: Tensor, length: int, implementation: str) -> Tensor:
         ~allowed, torch.finfo(torch.float32).min)
 
 
-def positions(model, adapter: models.FamilyAdapter, inputs: dict, lengths: Tensor) -> Tensor:
-    """Position ids of joined rows ((B, L), or (3, B, L) for M-RoPE): each rejected token numbered as if it
-    followed the prompt directly."""
-    plain = adapter.text_positions(model, inputs)
+def positions(model, adapter: models.FamilyAdapter | None, inputs: dict, lengths: Tensor) -> Tensor:
+    """Position ids of joined rows ((B, L), or (3, B, L) for M-RoPE; adapter None: a text-only model): each
+    rejected token numbered as if it followed the prompt directly."""
+    plain = (adapter.text_positions(model, inputs) if adapter is not None
+             else models.flat_positions(inputs["attention_mask"]))
     chosen_end = (lengths[:, 0] + lengths[:, 1])[:, None]
     index = torch.arange(plain.shape[-1], device=plain.device)[None, :]
     shift = torch.where(index >= chosen_end.to(plain.device), lengths[:, 1, None].to(plain.device), 0)
@@ -112,17 +113,21 @@ def score_index(labels: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor
     return rows, hidden_pos, targets, rows + is_rejected.long() * labels.shape[0]
 
 
-def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0,
+def pair_logps(model, adapter: models.FamilyAdapter | None, batch: dict, chunk_size: int = 0,
                features=None) -> tuple[Tensor, Tensor]:
     """(sums, counts) of response log-probs, each (2B,), chosen rows first, from B joined rows: the vision tower
     once per pair (or never: `features`, its output when already computed), the prompt once per pair, logits only
-    at response positions."""
+    at response positions. adapter None: text-only pairs of a causal LM (`AutoModelForCausalLM`)."""
     lengths, ids = batch[LENGTHS], batch["input_ids"]
     implementation = getattr(models.unwrap(model).config, "_attn_implementation", None) or "eager"
     mask = attention_mask(lengths.to(ids.device), ids.shape[1], implementation)
-    hidden = adapter.shared_video_hidden_states(  # reads the model inputs of `batch`, nothing else
-        model, batch, copies=1, features=features, attention_mask=mask,
-        position_ids=positions(model, adapter, batch, lengths))
+    position_ids = positions(model, adapter, batch, lengths)
+    if adapter is None:
+        hidden = models.unwrap(model).model(input_ids=ids, attention_mask=mask,
+                                            position_ids=position_ids).last_hidden_state
+    else:
+        hidden = adapter.shared_video_hidden_states(  # reads the model inputs of `batch`, nothing else
+            model, batch, copies=1, features=features, attention_mask=mask, position_ids=position_ids)
     rows, hidden_pos, targets, sequences = score_index(batch["labels"], lengths)
     return logps.scored_logps(hidden, models.output_projection(model), rows, hidden_pos, targets, sequences,
                               2 * lengths.shape[0], chunk_size)

@@ -207,3 +207,32 @@ def test_sft_runs_the_chosen_side_only(loaded, video):
     assert abs(out.loss.item() - train.objective_loss(config, *full, joined).loss.item()) < 1e-5
     assert "logps/rejected" not in out.metrics and "displacement/rejected" not in out.metrics
     assert "displacement/chosen" in out.metrics
+
+
+def test_text_only_pairs_of_a_causal_lm(tmp_path):
+    """adapter None: a text causal LM's joined rows give the two-row response log-probs (1e-5) and gradients."""
+    import transformers
+
+    from leanpo_core import logps, toy
+
+    tok = toy.build_tokenizer("qwen")
+    config = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+    def encode(prompt, response):
+        p, r = tok(prompt)["input_ids"], tok(response)["input_ids"] + [tok.eos_token_id or 0]
+        ids = torch.tensor([p + r])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([[-100] * len(p) + r])}
+
+    items = [{"chosen": encode(q, c), "rejected": encode(q, r), "chosen_baseline": 0.0, "rejected_baseline": 0.0}
+             for q, c, r in TEXTS]
+    two_rows, joined = _batches(tok, items)
+    shared = prefix.pair_logps(model, None, joined)
+    once = logps.model_response_logps(model, two_rows)
+    assert torch.equal(shared[1], once[1])
+    torch.testing.assert_close(shared[0], once[0], atol=1e-5, rtol=0)
+    grads = [_trainable_grads(model, out[0].sum()) for out in (shared, once)]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=0, msg=name)
