@@ -41,10 +41,15 @@ def _reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[st
     }
 
 
-def _displacement(metrics: dict[str, float], now: Tensor, at_generation: Tensor | None, side: str) -> None:
-    """Likelihood-displacement monitor: rbar now minus rbar when the response was generated."""
-    if at_generation is not None:
-        metrics[f"displacement/{side}"] = (now.detach().float() - at_generation.float()).mean().item()
+def displacement_metrics(chosen_rbar: Tensor, rejected_rbar: Tensor, chosen_baseline: Tensor | None,
+                         rejected_baseline: Tensor | None) -> dict[str, float]:
+    """Likelihood-displacement monitor: `displacement/<side>` = mean(rbar now - rbar before training) for each side
+    with a baseline (B,) (the trainer's: the SFT model's rbar of the same response under the same input), in fp64."""
+    metrics = {}
+    for side, now, base in (("chosen", chosen_rbar, chosen_baseline), ("rejected", rejected_rbar, rejected_baseline)):
+        if base is not None:
+            metrics[f"displacement/{side}"] = (now.detach().double() - base.double()).mean().item()
+    return metrics
 
 
 def leanpo_loss(
@@ -59,8 +64,6 @@ def leanpo_loss(
     d: float = 0.0,
     smoothing: Literal["symmetric", "conservative"] = "symmetric",
     sft_weight: float = 0.5,
-    chosen_gen_logps: Tensor | None = None,
-    rejected_gen_logps: Tensor | None = None,
 ) -> LossOutput:
     """LeanPO: reference-free, mean-token-likelihood reward, dynamic label smoothing, SFT term.
 
@@ -69,8 +72,7 @@ def leanpo_loss(
         chosen_tokens, rejected_tokens: (B,) response token counts (> 0).
         beta, gamma: reward scale and target margin. eps, d: smoothing weight and gate threshold.
         smoothing: "symmetric" (DEFAULT, authors' code) or "conservative" (cDPO / TRL CPO form).
-        sft_weight: lambda_sft; CE is the token-mean NLL over all chosen tokens of the batch.
-        chosen_gen_logps, rejected_gen_logps: optional (B,) generation-time mean log-probs (displacement monitor).
+        sft_weight: lambda_sft; CE is the token-mean NLL over all chosen tokens of the batch (`sft_loss`).
 
     rbar = logps / tokens; Delta = rbar_w - rbar_l; eps_i = eps * 1[Delta < d] (no gradient through the gate);
     symmetric:    L_i = -(1 - eps_i) log s(beta Delta - gamma) - eps_i log s(-beta Delta - gamma)
@@ -85,7 +87,7 @@ def leanpo_loss(
     logits = beta * delta - gamma
     away = -beta * delta - gamma if smoothing == "symmetric" else -logits
     pair_losses = -(1 - eps_i) * F.logsigmoid(logits) - eps_i * F.logsigmoid(away)
-    sft = -chosen_logps.sum() / chosen_tokens.sum()
+    sft = sft_loss(chosen_logps, chosen_tokens).loss
     loss = pair_losses.mean() + sft_weight * sft
     chosen_rewards, rejected_rewards = beta * chosen_rbar, beta * rejected_rbar
     metrics = {
@@ -97,8 +99,6 @@ def leanpo_loss(
         "logps/rejected": rejected_rbar.detach().mean().item(),
         "label_smoothing/active_fraction": gate.mean().item() if eps > 0 else 0.0,
     }
-    _displacement(metrics, chosen_rbar, chosen_gen_logps, "chosen")
-    _displacement(metrics, rejected_rbar, rejected_gen_logps, "rejected")
     return LossOutput(loss, pair_losses, chosen_rewards, rejected_rewards, metrics)
 
 
@@ -136,8 +136,6 @@ def dpo_loss(
     *,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
-    chosen_gen_logps: Tensor | None = None,
-    rejected_gen_logps: Tensor | None = None,
 ) -> LossOutput:
     """DPO (sigmoid): rewards beta (log pi - log pi_ref) over summed response log-probs; a frozen reference.
 
@@ -157,6 +155,19 @@ def dpo_loss(
         "logps/chosen": chosen_rbar.detach().mean().item(),
         "logps/rejected": rejected_rbar.detach().mean().item(),
     }
-    _displacement(metrics, chosen_rbar, chosen_gen_logps, "chosen")
-    _displacement(metrics, rejected_rbar, rejected_gen_logps, "rejected")
     return LossOutput(loss, pair_losses, chosen_rewards, rejected_rewards, metrics)
+
+
+def sft_loss(chosen_logps: Tensor, chosen_tokens: Tensor, rejected_logps: Tensor | None = None,
+             rejected_tokens: Tensor | None = None) -> LossOutput:
+    """SFT on the chosen responses: CE = -sum(chosen log-probs) / sum(chosen tokens), the token-mean NLL over every
+    chosen token of the batch (LeanPO's lambda_sft term). Per-pair losses are -rbar_w; the rewards are the mean
+    token log-probs; the rejected side (when given with tokens > 0) only feeds `logps/rejected`."""
+    ce = -chosen_logps.sum() / chosen_tokens.sum()
+    chosen_rbar = chosen_logps / chosen_tokens
+    metrics = {"loss": ce.item(), "loss/sft": ce.item(), "logps/chosen": chosen_rbar.detach().mean().item()}
+    rejected_rbar = torch.full_like(chosen_rbar, float("nan"))
+    if rejected_logps is not None and bool((rejected_tokens > 0).all()):
+        rejected_rbar = rejected_logps / rejected_tokens
+        metrics["logps/rejected"] = rejected_rbar.detach().mean().item()
+    return LossOutput(ce, -chosen_rbar, chosen_rbar, rejected_rbar, metrics)

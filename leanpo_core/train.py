@@ -270,35 +270,25 @@ def _finite_or_none(values: torch.Tensor) -> torch.Tensor | None:
 
 def objective_loss(config: TrainConfig, sums: torch.Tensor, counts: torch.Tensor, batch: dict,
                    ref_sums: torch.Tensor | None = None) -> loss.LossOutput:
-    """The configured objective over a pair batch's (2B,) log-prob sums and counts (chosen rows first).
-
-    Displacement is rbar_now minus the pair's baseline (`displacement_baseline`), reported only when every pair of
-    the batch has one.
-    """
+    """The configured objective over a pair batch's (2B,) log-prob sums and counts (chosen rows first), with the
+    likelihood-displacement monitor: rbar now minus the pair's baseline (`displacement_baseline`), per side whose
+    baseline every pair of the batch has (and whose responses were scored: sft leaves the rejected side out)."""
     half = sums.shape[0] // 2
     cs, rs, cn, rn = sums[:half], sums[half:], counts[:half], counts[half:]
-    base_c = _finite_or_none(batch["chosen_baseline"].to(sums.device))
-    base_r = _finite_or_none(batch["rejected_baseline"].to(sums.device))
     beta = config.effective_beta
     if config.objective == "leanpo":
-        return loss.leanpo_loss(cs, cn, rs, rn, beta=beta, gamma=config.gamma, eps=config.label_smoothing,
-                                d=config.smoothing_threshold, smoothing=config.smoothing_form,
-                                sft_weight=config.sft_weight, chosen_gen_logps=base_c, rejected_gen_logps=base_r)
-    if config.objective == "dpo":
-        return loss.dpo_loss(cs, cn, rs, rn, ref_sums[:half], ref_sums[half:], beta=beta,
-                             chosen_gen_logps=base_c, rejected_gen_logps=base_r)
-    if config.objective == "simpo":
+        out = loss.leanpo_loss(cs, cn, rs, rn, beta=beta, gamma=config.gamma, eps=config.label_smoothing,
+                               d=config.smoothing_threshold, smoothing=config.smoothing_form,
+                               sft_weight=config.sft_weight)
+    elif config.objective == "dpo":
+        out = loss.dpo_loss(cs, cn, rs, rn, ref_sums[:half], ref_sums[half:], beta=beta)
+    elif config.objective == "simpo":
         out = loss.simpo_loss(cs, cn, rs, rn, beta=beta, gamma=config.gamma)
-    else:  # sft: the chosen responses alone (their rejected side is not even run with prefix sharing)
-        sft = -cs.sum() / cn.sum()
-        rbar_c, rbar_r = cs / cn, rs / rn.clamp(min=1)
-        out = loss.LossOutput(sft, -rbar_c, rbar_c, rbar_r, {
-            "loss": sft.item(), "loss/sft": sft.item(), "logps/chosen": rbar_c.detach().mean().item()})
-        if bool((rn > 0).all()):
-            out.metrics["logps/rejected"] = rbar_r.detach().mean().item()
-    for side, now, base in (("chosen", cs / cn, base_c), ("rejected", rs / rn, base_r)):
-        if base is not None and bool((counts[:half] if side == "chosen" else rn).gt(0).all()):
-            out.metrics[f"displacement/{side}"] = (now.detach().double() - base.double()).mean().item()
+    else:
+        out = loss.sft_loss(cs, cn, rs, rn)
+    base_c = _finite_or_none(batch["chosen_baseline"].to(sums.device))
+    base_r = _finite_or_none(batch["rejected_baseline"].to(sums.device)) if bool((rn > 0).all()) else None
+    out.metrics.update(loss.displacement_metrics(cs / cn, rs / rn.clamp(min=1), base_c, base_r))
     return out
 
 
@@ -568,9 +558,8 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
     trainer_cls = _make_trainer_class()
     run_id = run_id or Path(output_dir).name
     policy = PairPolicy(model, adapter, config.logits_chunk_size, cache)
-    trainer = trainer_cls(model=policy, args=args, train_dataset=dataset,
-                          data_collator=PairCollator(tokenizer.pad_token_id or 0, sharing, chosen_only=sharing and config.objective == "sft"),
-                          leanpo_config=config,
+    collator = PairCollator(tokenizer.pad_token_id or 0, sharing, chosen_only=sharing and config.objective == "sft")
+    trainer = trainer_cls(model=policy, args=args, train_dataset=dataset, data_collator=collator, leanpo_config=config,
                           adapter=adapter, run_id=run_id, ref_model=ref_model, storage=options)
     if ref_model is not None:
         ref_model.to(trainer.args.device)

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from leanpo_core import loss
 from leanpo_core.loss import dpo_loss, leanpo_loss, simpo_loss
 
 
@@ -103,8 +104,25 @@ def test_gradients_finite_and_gate_carries_no_gradient():
 
 
 def test_displacement_monitor():
-    """displacement/chosen = mean(rbar_now - rbar_at_generation) = mean(-0.5 - (-0.4), -2.0 - (-1.0)) = -0.55."""
-    out = leanpo_loss(*batch(), chosen_gen_logps=torch.tensor([-0.4, -1.0], dtype=torch.float64),
-                      rejected_gen_logps=torch.tensor([-1.5, -1.0], dtype=torch.float64))
-    assert out.metrics["displacement/chosen"] == pytest.approx(-0.55)
-    assert out.metrics["displacement/rejected"] == pytest.approx(0.0)
+    """displacement/chosen = mean(rbar_now - rbar_before) = mean(-0.5 - (-0.4), -2.0 - (-1.0)) = -0.55."""
+    metrics = loss.displacement_metrics(torch.tensor([-0.5, -2.0], dtype=torch.float64),
+                                        torch.tensor([-1.5, -1.0], dtype=torch.float64),
+                                        torch.tensor([-0.4, -1.0], dtype=torch.float64),
+                                        torch.tensor([-1.5, -1.0], dtype=torch.float64))
+    assert metrics["displacement/chosen"] == pytest.approx(-0.55)
+    assert metrics["displacement/rejected"] == pytest.approx(0.0)
+    assert loss.displacement_metrics(torch.zeros(2), torch.zeros(2), None, None) == {}
+
+
+def test_sft_loss_by_hand():
+    """Chosen sums (-2, -6) over (2, 3) tokens: CE = 8 / 5 = 1.6; per-pair losses -rbar = (1, 2); a rejected side
+    with zero tokens (not run) reports no rejected log-probs."""
+    out = loss.sft_loss(torch.tensor([-2.0, -6.0]), torch.tensor([2, 3]), torch.zeros(2),
+                        torch.zeros(2, dtype=torch.long))
+    assert out.loss.item() == pytest.approx(1.6)
+    assert out.losses.tolist() == pytest.approx([1.0, 2.0])
+    assert out.metrics == pytest.approx({"loss": 1.6, "loss/sft": 1.6, "logps/chosen": -1.5})
+    with_rejected = loss.sft_loss(torch.tensor([-2.0, -6.0]), torch.tensor([2, 3]), torch.tensor([-3.0, -1.0]),
+                                  torch.tensor([1, 1]))
+    assert with_rejected.metrics["logps/rejected"] == pytest.approx(-2.0)
+    assert with_rejected.loss.item() == pytest.approx(1.6)
