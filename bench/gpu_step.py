@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leanpo_core import models, train  # noqa: E402
+from leanpo_core import models, pairdata, train  # noqa: E402
 from leanpo_core.config import TrainConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -106,7 +106,7 @@ def make_batch(processor, adapter, frames: int, size: int, response_tokens: int,
     item = {"chosen": adapter.encode(processor, clip, prompt, responses[0], meta=meta),
             "rejected": adapter.encode(processor, clip, prompt, responses[1], meta=meta),
             "chosen_baseline": float("nan"), "rejected_baseline": float("nan")}
-    batch = train.PairCollator(tokenizer.pad_token_id, prefix_sharing)([item])
+    batch = pairdata.PairCollator(tokenizer.pad_token_id, prefix_sharing)([item])
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -151,7 +151,7 @@ def measure(side: str, model, ref_model, adapter, batch: dict, args, device, flo
     trainable = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=fused)
-    pair_inputs = {k: v for k, v in batch.items() if k not in train._SIDE_INFO}
+    pair_inputs = {k: v for k, v in batch.items() if k not in pairdata.SIDE_INFO}
 
     def step():
         if side == "handwritten":

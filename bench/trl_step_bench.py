@@ -108,7 +108,7 @@ def child_leanpo(args) -> dict:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     sys.path.insert(0, str(common.ROOT))
-    from leanpo_core import loss, prefix, train
+    from leanpo_core import loss, pairdata, prefix
 
     tok = PreTrainedTokenizerFast.from_pretrained(args.model)  # AutoTokenizer would pick Qwen2Tokenizer
     check_lengths(tok, args)
@@ -127,7 +127,7 @@ def child_leanpo(args) -> dict:
     texts = [pair_texts(args, i) for i in range(args.pairs)]
     items = [{"chosen": encode(t["prompt"], t["chosen"]), "rejected": encode(t["prompt"], t["rejected"]),
               "chosen_baseline": float("nan"), "rejected_baseline": float("nan")} for t in texts]
-    batch = train.PairCollator(tok.pad_token_id, prefix_sharing=True)(items)
+    batch = pairdata.PairCollator(tok.pad_token_id, prefix_sharing=True)(items)
 
     def step() -> None:
         sums, counts = prefix.pair_logps(model, None, batch)

@@ -6,7 +6,7 @@ Every side runs one optimizer step of the LeanPO objective on one pair (a chosen
 video question), exactly as the Trainer does it (`train.objective_loss`, AdamW, gradient checkpointing, vision tower
 frozen), and differs only in the forward:
 
-  naive          `train.naive_pair_logps`: one forward of the 2 sequences, each with its own copy of the video (the
+  naive          `logps.naive_pair_logps`: one forward of the 2 sequences, each with its own copy of the video (the
                  tower runs twice), full-vocabulary logits over every position, then `logps.naive_response_logps`
   vision_once    `train.pair_logps` on two rows per pair (`PairCollator(prefix_sharing=False)`): the vision tower
                  runs ONCE per pair and its features serve both sequences; logits only at response positions
@@ -91,7 +91,7 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from leanpo_core import features, models, train
+    from leanpo_core import features, logps, models, pairdata, train
     from leanpo_core.config import TrainConfig
 
     if args.threads:
@@ -116,18 +116,18 @@ def child(args) -> dict:
     tokenizer = processor.tokenizer
     for p, item in enumerate(items):
         item[features.VIDEO_IDS] = f"video-{p}"
-    batch = train.PairCollator(tokenizer.pad_token_id, prefix_sharing=args.side.startswith("prefix"))(items)
+    batch = pairdata.PairCollator(tokenizer.pad_token_id, prefix_sharing=args.side.startswith("prefix"))(items)
     cache = features.FeatureCache(2**30) if args.side == "prefix_cached" else None
     policy = train.PairPolicy(model, adapter, config.logits_chunk_size, cache)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    pair_inputs = {k: v for k, v in batch.items() if k not in train._SIDE_INFO}
+    pair_inputs = {k: v for k, v in batch.items() if k not in pairdata.SIDE_INFO}
 
     def step() -> float:
         if args.side != "naive":
             sums, counts = policy(**pair_inputs)
         else:
-            sums, counts = train.naive_pair_logps(model, batch)
+            sums, counts = logps.naive_pair_logps(model, batch)
         out = train.objective_loss(config, sums, counts, batch)
         out.loss.backward()
         optimizer.step()

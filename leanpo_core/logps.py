@@ -116,6 +116,16 @@ def naive_response_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     return (picked * mask).sum(-1), mask.sum(-1)
 
 
+def naive_pair_logps(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+    """Baseline pair path: one forward of a two-row pair batch's 2B sequences, each with its own copy of its video,
+    full-vocabulary logits over every position; (sums, counts) (2B,) as the lean path gives them."""
+    from leanpo_core import models
+
+    tokens = {k: v for k, v in batch.items() if models.is_per_token(k) and k != "labels"}
+    logits = model(**tokens, **models.repeat_videos(models.video_inputs(batch), 2)).logits
+    return naive_response_logps(logits, batch["labels"])
+
+
 def model_response_logps(model: nn.Module, inputs: dict, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
     """Score only the response tokens of `inputs` (an adapter's `encode` output, with labels); no full logits."""
     from leanpo_core.models import backbone_hidden_states, output_projection

@@ -359,6 +359,11 @@ def collate(items: list[dict], pad_id: int) -> dict:
     return batch
 
 
+def video_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The per-video model inputs of a batch: the pixels and, for Qwen, each video's grid (and temporal step)."""
+    return {k: v for k, v in batch.items() if k == VIDEO_PIXELS or k in _PER_VIDEO}
+
+
 def repeat_videos(video_inputs: Mapping[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:
     """Per-video inputs of B videos repeated for copies*B sequences (video b again at rows B+b, 2B+b, ...)."""
     return {k: torch.cat([v] * copies, dim=0) for k, v in video_inputs.items()}

@@ -36,7 +36,6 @@ holds each step once. A refused config or input exits with `launch.EXIT_BAD_INPU
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import math
 import os
@@ -48,18 +47,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
 from leanpo_core import features as features_mod
-from leanpo_core import frames as frames_mod
-from leanpo_core import io, logps, loss, models, prefix, prompts, schemas
+from leanpo_core import io, logps, loss, models, prefix, schemas
 from leanpo_core.config import TrainConfig, load_config
 from leanpo_core.layout import RunLayout, add_table_arguments, table_arguments
+from leanpo_core.pairdata import SIDE_INFO, PairCollator, PairsDataset
 
 DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
 METRIC_COLUMNS = [c for c in schemas.TRAIN_METRICS.columns if c not in ("run_id", "step", "epoch")]
 # Written into checkpoint-N by world process zero after every rank has saved its part and the metrics up to N.
 CHECKPOINT_COMPLETE = "leanpo-complete"
-# Columns of a pair batch that are not model inputs.
-_SIDE_INFO = ("chosen_baseline", "rejected_baseline")
 
 
 @dataclasses.dataclass
@@ -75,163 +75,21 @@ class TrainResult:
     model: Any = dataclasses.field(default=None, repr=False)  # the trained model in memory (unwrapped)
 
 
-# ---------------------------------------------------------------- data
-
-
-def displacement_baseline(row: dict, side: str) -> float:
-    """rbar of a response before training, under the TRAINING input (plain question, clean frames).
-
-    The reflect stage's SFT log-prob (`<side>_sft_logp`) is measured under exactly that input; the generation-time
-    log-prob is not (chosen: the hint/reflection prompt; rejected: the 2-frame lean view), so it is only the
-    fallback when no SFT score was stored. NaN when neither is known.
-    """
-    sft = row.get(f"{side}_sft_logp")
-    if sft is not None and math.isfinite(sft):
-        return float(sft)
-    gen = row.get(f"{side}_gen_logp")
-    return float(gen) if gen is not None else float("nan")
-
-
-class PairsDataset(torch.utils.data.Dataset):
-    """Kept pairs, each encoded as (chosen, rejected) model inputs over the same stored frames.
-
-    Frames come from the frames table through `FrameStore`, a whole shard per lookup, the last `cache_shards`
-    shards kept decoded. The prompt is the plain question in the model's chat template (as the reflect stage scores
-    and evaluation asks); each response is tokenised apart from the prompt and closed with the end-of-reply token
-    unless it was cut at max_tokens (`models.ended_by_itself`: the rule the reflect stage scored it by, so a pair's
-    stored SFT log-probs are what this encoding gives under the SFT model and displacement starts at zero).
-    """
-
-    def __init__(self, pairs_uri: str, frames_uri: str, processor, adapter: models.FamilyAdapter, max_length: int,
-                 options: io.StorageOptions | None = None, cache_shards: int = 4):
-        table = io.read_table(pairs_uri, schemas.PAIRS, options)
-        self.rows = [r for r in table.to_pylist() if r["kept"]]
-        if not self.rows:
-            raise ValueError(f"no kept pairs in {pairs_uri}")
-        self.store = frames_mod.FrameStore(frames_uri, options)
-        for row in self.rows:
-            if row["video_key"] not in self.store.rows:
-                raise ValueError(f"pair {row['pair_id']}: video_key {row['video_key']!r} not in {frames_uri}")
-            if list(row["chosen_frame_indices"]) != list(row["rejected_frame_indices"]):
-                raise ValueError(f"pair {row['pair_id']}: chosen and rejected are scored on different frames; "
-                                 "the trainer encodes one video per pair")
-        self.processor, self.adapter, self.max_length = processor, adapter, max_length
-        self.cache_shards = cache_shards
-        self._shards: collections.OrderedDict[str, dict] = collections.OrderedDict()
-        tokenizer = getattr(processor, "tokenizer", processor)
-        # Text tokens only: under one frames config every pair's video adds the same number of tokens.
-        self.lengths = [len(tokenizer(r["prompt"] + r["chosen"] + r["rejected"])["input_ids"]) for r in self.rows]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _frames(self, key: str) -> tuple[np.ndarray, dict]:
-        shard = self.store.rows[key]["shard_uri"]
-        if shard not in self._shards:
-            keys = [k for k, r in self.store.rows.items() if r["shard_uri"] == shard]
-            self._shards[shard] = self.store.load(keys)
-            while len(self._shards) > self.cache_shards:
-                self._shards.popitem(last=False)
-        self._shards.move_to_end(shard)
-        return self._shards[shard][key]
-
-    def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
-        pixels, frame_row = self._frames(row["video_key"])
-        stored = list(frame_row["frame_indices"])
-        wanted = list(row["chosen_frame_indices"])
-        positions = [stored.index(i) for i in wanted]
-        clip = pixels if positions == list(range(len(stored))) else pixels[positions]
-        meta = frames_mod.frames_metadata(frame_row, clip, wanted)
-        prompt = self.adapter.build_prompt(self.processor, prompts.plain_prompt(row["prompt"]))
-        once = _ProcessOnce(self.processor)  # both sides share prompt and video: pixels prepared once per pair
-        chosen, rejected = (self.adapter.encode(once, clip, prompt, row[side], meta=meta,
-                                                add_end=models.ended_by_itself(row.get(f"{side}_finish_reason")))
-                            for side in ("chosen", "rejected"))
-        return {"chosen": self._truncate(chosen, row), "rejected": self._truncate(rejected, row),
-                "chosen_baseline": displacement_baseline(row, "chosen"),
-                "rejected_baseline": displacement_baseline(row, "rejected"),
-                features_mod.VIDEO_IDS: f"{row['video_key']}@{','.join(map(str, wanted))}"}
-
-    def _truncate(self, inputs: dict, row: dict) -> dict:
-        """Cut the response tail past max_length; the prompt (with its video tokens) must fit whole."""
-        length = inputs["input_ids"].shape[1]
-        if length <= self.max_length:
-            return inputs
-        prompt_len = int((inputs["labels"][0] == models.IGNORE_INDEX).sum())
-        if prompt_len >= self.max_length:
-            raise ValueError(f"pair {row['pair_id']}: the prompt alone has {prompt_len} tokens, max_length is "
-                             f"{self.max_length}")
-        return {k: v[:, :self.max_length] if models.is_per_token(k) else v for k, v in inputs.items()}
-
-
-class _ProcessOnce:
-    """A processor for the two encodings of one pair: the first call runs the wrapped processor (tokens and the
-    video's pixels), a second call with the same prompt and the same frames returns those outputs again.
-    `encode` copies every per-token tensor it extends, so the shared outputs are never modified."""
-
-    def __init__(self, processor):
-        self._processor, self._key, self._outputs = processor, None, None
-
-    def __call__(self, *, text, videos, **kwargs):
-        key = (list(text), [id(v) for v in videos], repr(sorted(kwargs.items())))
-        if key != self._key:
-            self._key, self._outputs = key, self._processor(text=text, videos=videos, **kwargs)
-        return self._outputs
-
-    def __getattr__(self, name):
-        return getattr(self._processor, name)
-
-
-@dataclasses.dataclass
-class PairCollator:
-    """A batch of B pairs, right-padded to one length: per-token tensors of 2B rows (B chosen, then B rejected),
-    or with `prefix_sharing` B joined rows `[prompt | chosen | rejected]` and their `pair_lengths` (B, 3)
-    (`prefix.join_pair`); the vision inputs of the B videos once; the displacement baselines (B,) of each side.
-    `chosen_only` leaves the rejected responses out of the joined rows: their log-prob sums and counts are 0."""
-
-    pad_id: int
-    prefix_sharing: bool = False
-    chosen_only: bool = False  # joined rows without the rejected response (objective sft; needs prefix_sharing)
-
-    def __call__(self, items: list[dict]) -> dict:
-        if self.prefix_sharing:
-            rows = [prefix.join_pair(it["chosen"], None if self.chosen_only else it["rejected"]) for it in items]
-        else:
-            rows = [it["chosen"] for it in items] + [it["rejected"] for it in items]
-        batch = models.collate([{k: v for k, v in seq.items() if models.is_per_token(k)} for seq in rows],
-                               self.pad_id)
-        videos = rows[:len(items)]  # row b shows pair b's video
-        for key in videos[0]:
-            if not models.is_per_token(key):
-                batch[key] = torch.cat([seq[key] for seq in videos], dim=0)
-        for side in _SIDE_INFO:
-            batch[side] = torch.tensor([it[side] for it in items], dtype=torch.float64)
-        if all(features_mod.VIDEO_IDS in it for it in items):
-            batch[features_mod.VIDEO_IDS] = [it[features_mod.VIDEO_IDS] for it in items]
-        return batch
-
-
 # ---------------------------------------------------------------- forward and loss
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items()
-            if k not in _SIDE_INFO and k not in ("labels", prefix.LENGTHS, features_mod.VIDEO_IDS)}
 
 
 def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0,
                cache: features_mod.FeatureCache | None = None):
     """Lean path: (sums, counts) of response log-probs, each (2B,), chosen rows first; vision once per pair,
     logits only at response positions; the prompt once per pair too when the batch holds joined rows
-    (`PairCollator(prefix_sharing=True)`, `prefix.pair_logps`). With a `cache` (frozen tower) and the batch's
+    (`pairdata.PairCollator(prefix_sharing=True)`, `prefix.pair_logps`). With a `cache` (frozen tower) and the batch's
     video ids, a video's features are computed once per process (`features.cached_video_features`)."""
     features = None
     if cache is not None and features_mod.VIDEO_IDS in batch:
         features = features_mod.cached_video_features(adapter, model, batch, batch[features_mod.VIDEO_IDS], cache)
     if prefix.LENGTHS in batch:
         return prefix.pair_logps(model, adapter, batch, chunk_size, features=features)
-    hidden = adapter.shared_video_hidden_states(model, model_inputs(batch), copies=2, features=features)
+    hidden = adapter.shared_video_hidden_states(model, batch, copies=2, features=features)
     return logps.response_logps(hidden, batch["labels"], models.output_projection(model), chunk_size)
 
 
@@ -256,14 +114,6 @@ class PairPolicy(torch.nn.Module):
         self.model.gradient_checkpointing_enable(**kwargs)
 
 
-def naive_pair_logps(model, batch: dict):
-    """Baseline path: one forward of all 2B sequences, each with its own copy of the video, full logits."""
-    inputs = model_inputs(batch)
-    videos = {k: inputs.pop(k) for k in list(inputs) if not models.is_per_token(k)}
-    logits = model(**inputs, **models.repeat_videos(videos, 2)).logits
-    return logps.naive_response_logps(logits, batch["labels"])
-
-
 def _finite_or_none(values: torch.Tensor) -> torch.Tensor | None:
     return values if bool(torch.isfinite(values).all()) else None
 
@@ -271,7 +121,7 @@ def _finite_or_none(values: torch.Tensor) -> torch.Tensor | None:
 def objective_loss(config: TrainConfig, sums: torch.Tensor, counts: torch.Tensor, batch: dict,
                    ref_sums: torch.Tensor | None = None) -> loss.LossOutput:
     """The configured objective over a pair batch's (2B,) log-prob sums and counts (chosen rows first), with the
-    likelihood-displacement monitor: rbar now minus the pair's baseline (`displacement_baseline`), per side whose
+    likelihood-displacement monitor: rbar now minus the pair's baseline (`pairdata.displacement_baseline`), per side whose
     baseline every pair of the batch has (and whose responses were scored: sft leaves the rejected side out)."""
     half = sums.shape[0] // 2
     cs, rs, cn, rn = sums[:half], sums[half:], counts[:half], counts[half:]
@@ -356,61 +206,55 @@ def _training_arguments(config: TrainConfig, output_dir: str, logging_steps: int
     )
 
 
-def _make_trainer_class():
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+class PreferenceTrainer(Trainer):
+    """Trainer whose loss is a preference objective over the lean pair forward; logs its metrics (the mean over
+    ranks) and writes them with every checkpoint, which it marks complete once every rank has saved."""
 
-    class PreferenceTrainer(Trainer):
-        """Trainer whose loss is a preference objective over the lean pair forward; logs its metrics (the mean over
-        ranks) and writes them with every checkpoint, which it marks complete once every rank has saved."""
+    def __init__(self, *args, leanpo_config: TrainConfig, adapter: models.FamilyAdapter, run_id: str,
+                 ref_model=None, storage: io.StorageOptions | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.leanpo_config, self.adapter, self.run_id, self.ref_model = leanpo_config, adapter, run_id, ref_model
+        self.storage = storage
+        self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: Trainer divides by GA
+        self._pending: list[dict[str, float]] = []
+        self.metric_rows: list[dict] = []
 
-        def __init__(self, *args, leanpo_config: TrainConfig, adapter: models.FamilyAdapter, run_id: str,
-                     ref_model=None, storage: io.StorageOptions | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.leanpo_config, self.adapter, self.run_id, self.ref_model = leanpo_config, adapter, run_id, ref_model
-            self.storage = storage
-            self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: Trainer divides by GA
-            self._pending: list[dict[str, float]] = []
-            self.metric_rows: list[dict] = []
+    def _get_train_sampler(self, train_dataset=None):
+        generator = torch.Generator().manual_seed(self.args.data_seed)
+        return LengthGroupedSampler(self.args.train_batch_size, lengths=self.train_dataset.lengths,
+                                    generator=generator)
 
-        def _get_train_sampler(self, train_dataset=None):
-            generator = torch.Generator().manual_seed(self.args.data_seed)
-            return LengthGroupedSampler(self.args.train_batch_size, lengths=self.train_dataset.lengths,
-                                        generator=generator)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sums, counts = model(**{k: v for k, v in inputs.items() if k not in SIDE_INFO})
+        ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref, _ = pair_logps(self.ref_model, self.adapter, inputs, self.leanpo_config.logits_chunk_size)
+        out = objective_loss(self.leanpo_config, sums, counts, inputs, ref)
+        if model.training:
+            self._pending.append(out.metrics)
+        return (out.loss, out) if return_outputs else out.loss
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            sums, counts = model(**{k: v for k, v in inputs.items() if k not in _SIDE_INFO})
-            ref = None
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    ref, _ = pair_logps(self.ref_model, self.adapter, inputs, self.leanpo_config.logits_chunk_size)
-            out = objective_loss(self.leanpo_config, sums, counts, inputs, ref)
-            if model.training:
-                self._pending.append(out.metrics)
-            return (out.loss, out) if return_outputs else out.loss
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Every rank logs at the same steps (the Trainer gathers the loss there), so the mean over ranks is
+        # taken here, collectively; only world process zero keeps the row.
+        if self._pending and "loss" in logs:
+            averaged = {k: float(np.mean([m[k] for m in self._pending if k in m]))
+                        for k in dict.fromkeys(k for m in self._pending for k in m)}
+            self._pending.clear()
+            logs.update({k: v for k, v in _mean_over_ranks(averaged, self.args).items() if k != "loss"})
+            row = {"run_id": self.run_id, "step": self.state.global_step, "epoch": float(self.state.epoch or 0)}
+            row.update({c: (float(logs[c]) if logs.get(c) is not None else None) for c in METRIC_COLUMNS})
+            self.metric_rows.append(row)
+        super().log(logs, start_time)
 
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            # Every rank logs at the same steps (the Trainer gathers the loss there), so the mean over ranks is
-            # taken here, collectively; only world process zero keeps the row.
-            if self._pending and "loss" in logs:
-                averaged = {k: float(np.mean([m[k] for m in self._pending if k in m]))
-                            for k in dict.fromkeys(k for m in self._pending for k in m)}
-                self._pending.clear()
-                logs.update({k: v for k, v in _mean_over_ranks(averaged, self.args).items() if k != "loss"})
-                row = {"run_id": self.run_id, "step": self.state.global_step, "epoch": float(self.state.epoch or 0)}
-                row.update({c: (float(logs[c]) if logs.get(c) is not None else None) for c in METRIC_COLUMNS})
-                self.metric_rows.append(row)
-            super().log(logs, start_time)
-
-        def _save_checkpoint(self, model, trial) -> None:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()  # every rank's weights, optimizer shard and RNG state are on disk
-            if self.is_world_process_zero():
-                write_metrics(self.metric_rows, self.args.output_dir, self.storage)  # rows up to this step
-                folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-                (folder / CHECKPOINT_COMPLETE).write_text(f"{self.state.global_step}\n")
-
-    return PreferenceTrainer
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's weights, optimizer shard and RNG state are on disk
+        if self.is_world_process_zero():
+            write_metrics(self.metric_rows, self.args.output_dir, self.storage)  # rows up to this step
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            (folder / CHECKPOINT_COMPLETE).write_text(f"{self.state.global_step}\n")
 
 
 def _mean_over_ranks(metrics: dict[str, float], args) -> dict[str, float]:
@@ -555,11 +399,10 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
     if config.freeze_vision and config.vision_feature_cache_mib > 0 and config.deepspeed != "zero3":
         cache = features_mod.FeatureCache(config.vision_feature_cache_mib * 2**20)
     args = _training_arguments(config, output_dir)
-    trainer_cls = _make_trainer_class()
     run_id = run_id or Path(output_dir).name
     policy = PairPolicy(model, adapter, config.logits_chunk_size, cache)
     collator = PairCollator(tokenizer.pad_token_id or 0, sharing, chosen_only=sharing and config.objective == "sft")
-    trainer = trainer_cls(model=policy, args=args, train_dataset=dataset, data_collator=collator, leanpo_config=config,
+    trainer = PreferenceTrainer(model=policy, args=args, train_dataset=dataset, data_collator=collator, leanpo_config=config,
                           adapter=adapter, run_id=run_id, ref_model=ref_model, storage=options)
     if ref_model is not None:
         ref_model.to(trainer.args.device)

@@ -98,7 +98,7 @@ def test_bf16_training_run(family, pair_data, toy_dirs, tmp_path, monkeypatch, v
 def _projection_bound(model, adapter, batch) -> torch.Tensor:
     """(2B,) per-sequence sum over response tokens of tau = 2U (2 S + M) (see the test), from the fp32 model."""
     with torch.no_grad():
-        hidden = adapter.shared_video_hidden_states(model, train.model_inputs(batch), copies=2)
+        hidden = adapter.shared_video_hidden_states(model, batch, copies=2)
     rows, pos, _ = logps.response_positions(batch["labels"])
     h, w = hidden[rows, pos].double(), models.output_projection(model).weight.double()
     s = (h.abs() @ w.abs().T).max(-1).values  # S: largest sum_i |h_i W_ji| of each token's logits
@@ -139,11 +139,11 @@ def test_lean_matches_naive_in_bf16(family, loaded, video):
     with torch.no_grad():
         fp32_sums, _ = train.pair_logps(model, adapter, batch)
         with _autocast():
-            naive_sums, naive_counts = train.naive_pair_logps(model, batch)
+            naive_sums, naive_counts = logps.naive_pair_logps(model, batch)
             lean = {chunk: train.pair_logps(model, adapter, batch, chunk_size=chunk) for chunk in (0, 97)}
             lean.update({f"prefix-shared, chunk {chunk}": train.pair_logps(model, adapter, joined, chunk_size=chunk)
                          for chunk in (0, 97)})
-            hidden = adapter.shared_video_hidden_states(model, train.model_inputs(batch), copies=2)
+            hidden = adapter.shared_video_hidden_states(model, batch, copies=2)
             head = models.output_projection(model)
             shifted, shifted_counts = logps.response_logps(hidden.roll(1, dims=1), batch["labels"], head)
             dropped_labels = batch["labels"].clone()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanpo_core import features, models, train
+from leanpo_core import features, models, pairdata, train
 from leanpo_core.config import TrainConfig
 
 from .conftest import FAMILIES
@@ -32,7 +32,7 @@ def test_cached_features_equal_recomputed(family, sharing, loaded, video, monkey
         clips[name] = (clip, models.video_metadata(clip, fps=meta["fps"], frames_indices=meta["frames_indices"][part],
                                                    total_num_frames=meta["total_num_frames"]))
     texts = {"A": ("What moves?", " a red square", " a circle"), "B": ("What colour?", " red", " green and slow")}
-    collate = train.PairCollator(processor.tokenizer.pad_token_id or 0, prefix_sharing=sharing)
+    collate = pairdata.PairCollator(processor.tokenizer.pad_token_id or 0, prefix_sharing=sharing)
 
     def batch(names):
         return collate([_item(processor, adapter, *clips[n], n, *texts[n]) for n in names])

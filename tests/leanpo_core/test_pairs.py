@@ -12,7 +12,7 @@ from leanpo_core import io, pairs, reflect, schemas
 from leanpo_core.config import PairsConfig, ReflectConfig
 from leanpo_core.layout import RunLayout
 from leanpo_core.logps import naive_response_logps
-from leanpo_core.train import PairsDataset
+from leanpo_core.pairdata import PairsDataset
 from tests.leanpo_core.test_reflect import QUESTIONS, clips, naive_mean_logp, run, write_run
 
 VIDEOS = {q: {"video": f"{q}.mp4", "question": qa[0]} for q, qa in QUESTIONS.items()}

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from leanpo_core import models, prefix, train
+from leanpo_core import logps, models, pairdata, prefix, train
 from leanpo_core.config import TrainConfig
 
 from .conftest import FAMILIES
@@ -24,7 +24,7 @@ def _items(processor, adapter, video, texts=TEXTS):
 
 def _batches(processor, items):
     pad = getattr(processor, "tokenizer", processor).pad_token_id or 0
-    return train.PairCollator(pad)(items), train.PairCollator(pad, prefix_sharing=True)(items)
+    return pairdata.PairCollator(pad)(items), pairdata.PairCollator(pad, prefix_sharing=True)(items)
 
 
 def test_mask_positions_and_score_index_by_hand():
@@ -194,7 +194,7 @@ def test_sft_runs_the_chosen_side_only(loaded, video):
     model, processor, adapter = loaded("qwen2_5_vl")
     items = _items(processor, adapter, video)
     pad = processor.tokenizer.pad_token_id or 0
-    chosen_only = train.PairCollator(pad, prefix_sharing=True, chosen_only=True)(items)
+    chosen_only = pairdata.PairCollator(pad, prefix_sharing=True, chosen_only=True)(items)
     _, joined = _batches(processor, items)
     assert chosen_only[prefix.LENGTHS][:, 2].tolist() == [0, 0]
     assert chosen_only["input_ids"].shape[1] == max(it["chosen"]["input_ids"].shape[1] for it in items)
@@ -213,7 +213,7 @@ def test_text_only_pairs_of_a_causal_lm(tmp_path):
     """adapter None: a text causal LM's joined rows give the two-row response log-probs (1e-5) and gradients."""
     import transformers
 
-    from leanpo_core import logps, toy
+    from leanpo_core import toy
 
     tok = toy.build_tokenizer("qwen")
     config = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from leanpo_core import io, launch, models, schemas, train
+from leanpo_core import io, launch, logps, models, pairdata, schemas, train
 from leanpo_core.config import TrainConfig
 
 from .conftest import FAMILIES
@@ -41,7 +41,7 @@ def _pair_items(processor, adapter, video, texts):
 def _pair_batch(processor, adapter, video, texts, prefix_sharing: bool = False):
     """Those pairs collated: two rows per pair, or one joined row with `prefix_sharing`."""
     pad = getattr(processor, "tokenizer", processor).pad_token_id or 0
-    return train.PairCollator(pad, prefix_sharing)(_pair_items(processor, adapter, video, texts))
+    return pairdata.PairCollator(pad, prefix_sharing)(_pair_items(processor, adapter, video, texts))
 
 
 def _lm_grads(model, value):
@@ -79,7 +79,7 @@ def test_lean_forward_matches_naive(family, loaded, video, monkeypatch):
     config = TrainConfig(model="x", smoothing_threshold=math.inf)  # every pair gated: both smoothing terms live
     seen = _count_videos(model, monkeypatch)
     lean_sums, lean_counts = train.pair_logps(model, adapter, batch, chunk_size=7)
-    naive_sums, naive_counts = train.naive_pair_logps(model, batch)
+    naive_sums, naive_counts = logps.naive_pair_logps(model, batch)
     pixels = batch[models.VIDEO_PIXELS].shape[0]
     assert seen == [pixels, 2 * pixels]  # lean: each pair's video once; naive: once per sequence
     assert torch.equal(lean_counts, naive_counts)
@@ -161,7 +161,7 @@ def test_dataset_reads_kept_pairs_with_sft_baseline(pair_data, loaded, toy_dirs)
     """
     _, processor, adapter = loaded("qwen2_vl")
     counting = _CountingProcessor(processor)
-    dataset = train.PairsDataset(*pair_data, counting, adapter, max_length=4096)
+    dataset = pairdata.PairsDataset(*pair_data, counting, adapter, max_length=4096)
     assert len(dataset) == 4
     item = dataset[1]
     assert counting.video_calls == 1  # one processor run (tokens + pixels) serves both sides of the pair
@@ -218,18 +218,14 @@ def test_leanpo_trains_logs_and_exports(pair_data, toy_dirs, tmp_path, loaded, v
 def test_dpo_keeps_reference_frozen(pair_data, toy_dirs, tmp_path, monkeypatch):
     """DPO trains with a frozen reference copy, which ends where it started."""
     seen = {}
-    original = train._make_trainer_class
 
-    def capture():
-        class Capturing(original()):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                seen["ref"] = self.ref_model
-                seen["start"] = {n: p.detach().clone() for n, p in self.ref_model.named_parameters()}
+    class Capturing(train.PreferenceTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["ref"] = self.ref_model
+            seen["start"] = {n: p.detach().clone() for n, p in self.ref_model.named_parameters()}
 
-        return Capturing
-
-    monkeypatch.setattr(train, "_make_trainer_class", capture)
+    monkeypatch.setattr(train, "PreferenceTrainer", Capturing)
     result = train.train(_config(toy_dirs["llava_onevision"], objective="dpo", max_steps=2), *pair_data,
                          str(tmp_path / "dpo"))
     assert math.isfinite(result.final_loss)
@@ -242,8 +238,8 @@ def test_sft_lowers_chosen_nll(pair_data, toy_dirs, tmp_path, loaded):
     """SFT on the same 4 pairs for a few epochs lowers the chosen responses' token-mean NLL."""
     family = "llava_next_video"
     model, processor, adapter = loaded(family)
-    dataset = train.PairsDataset(*pair_data, processor, adapter, max_length=4096)
-    batch = train.PairCollator(getattr(processor, "tokenizer", processor).pad_token_id or 0)(
+    dataset = pairdata.PairsDataset(*pair_data, processor, adapter, max_length=4096)
+    batch = pairdata.PairCollator(getattr(processor, "tokenizer", processor).pad_token_id or 0)(
         [dataset[i] for i in range(len(dataset))])
 
     def chosen_nll(m):
@@ -372,8 +368,8 @@ def test_two_rank_deepspeed_zero2_and_zero3(zero2_run, pair_data, toy_dirs, tmp_
         assert all(torch.equal(base[k], exported[stage][k]) for k in base if "visual" in k), stage
     # Metrics are means over ranks: step 1 (base weights, one pair per rank) logs the mean rbar of two pairs.
     model, processor, adapter = loaded("qwen2_vl")
-    dataset = train.PairsDataset(*pair_data, processor, adapter, max_length=4096)
-    collate = train.PairCollator(processor.tokenizer.pad_token_id or 0)
+    dataset = pairdata.PairsDataset(*pair_data, processor, adapter, max_length=4096)
+    collate = pairdata.PairCollator(processor.tokenizer.pad_token_id or 0)
     with torch.no_grad():
         rbar = [float(s[0] / c[0]) for s, c in (train.pair_logps(model, adapter, collate([dataset[i]]))
                                                 for i in range(len(dataset)))]
