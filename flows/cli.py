@@ -11,6 +11,9 @@
     leanpo inspect URI [--rows 5]     schema, row count and first rows of any table the pipeline wrote (local or s3://)
     leanpo toy --family F --out DIR   build a tiny offline model of a family
     leanpo plan --model M [--gpus N]  tokens and peak GPU memory of each stage before a run, from config.json
+    leanpo models list|show|history|current|register|promote|reject|rollback --root ROOT
+                                      the model registry: every trained model with its lineage, the current model
+                                      per alias; a promotion, rejection or rollback is one atomic, recorded write
 
 Prefect's database lives in PREFECT_HOME, by default `runs/.prefect` under the current folder, so `leanpo server`
 shows every run that `leanpo demo` and `leanpo run` made. `leanpo run` and `leanpo serve` use a `leanpo server`
@@ -342,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("toy", help="build a tiny offline model (see `leanpo toy --help`)", add_help=False)
     commands.add_parser("plan", help="tokens and GPU memory per stage before a run (see `leanpo plan --help`)",
                         add_help=False)
+    commands.add_parser("models", help="the model registry: list, show, promote, reject, rollback (see `leanpo "
+                        "models --help`)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "toy":
@@ -354,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
 
         plan_main(rest)
         return 0
+    if args.command == "models":
+        from leanpo_core.registry import cli as models_cli
+
+        return models_cli(rest, prog="leanpo models")
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.command == "inspect":

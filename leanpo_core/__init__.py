@@ -6,6 +6,7 @@ Where things are:
     toy      tiny offline models and test clips       logps    response-only log-probs (no prompt logits)
     loss     LeanPO, SimPO and DPO objectives         toyworld an SFT model that sees the synthetic clips
     stats    intervals: Wilson, paired bootstrap, McNemar
+    registry the trained models, their lineage, the current one per alias (promote/reject/rollback)
 This package never imports Prefect (tasks/ and flows/ wrap it), so GPU workers and launchers import it bare.
 """
 

@@ -8,6 +8,7 @@
     <root>/failures/<stage>/part-NNNNN.parquet   every failed item with its reason
     <root>/train/<run_id>/...          training checkpoints, metrics, the exported model
     <root>/evaluation/<run_id>.parquet evaluation results
+    <root>/registry/events/*.parquet   the model registry's log (leanpo_core/registry.py); registry/models/<id>
 
 Sharded tables resume shard by shard: a shard whose manifest exists is done and is not redone.
 """
@@ -51,6 +52,10 @@ class RunLayout:
 
     def evaluation(self, run_id: str) -> str:
         return join_uri(self.root, "evaluation", f"{run_id}.parquet")
+
+    @property
+    def registry(self) -> str:
+        return join_uri(self.root, "registry")
 
 
 def add_table_arguments(parser, stage: str, tables: tuple[str, ...]) -> None:

@@ -148,9 +148,28 @@ ANSWERS = _spec(  # one row per model and held-out question: what the evaluation
     _f("f1", _F64), _f("answer_logp", _F64, True),
 )
 
+REGISTRY = _spec(  # the model registry's append-only log (leanpo_core/registry.py): one row per event
+    "registry", 1,
+    _f("event_id", _STR),
+    _f("event", _STR),                        # registered | evaluated | promoted | rejected | rolled_back
+    _f("created_at", _TS), _f("created_by", _STR),  # when, and who (user@host, or what: a flow run)
+    _f("reason", _STR, True),                 # why (required for promoted, rejected, rolled_back)
+    _f("model_id", _STR),                     # the model the event is about (rolled_back: the model restored)
+    _f("alias", _STR, True),                  # the deployment alias (promoted, rolled_back; rejected: optional)
+    _f("previous_model_id", _STR, True),      # the alias's current model before the event
+    # lineage, on "registered" rows
+    _f("model_uri", _STR, True), _f("base_model", _STR, True), _f("objective", _STR, True), _f("run_id", _STR, True),
+    _f("pairs_uri", _STR, True), _f("pairs_hash", _STR, True),  # the pairs table and its content hash (sha256)
+    _f("config_hash", _STR, True), _f("round", _I32, True),
+    _f("steps", _I64, True), _f("final_loss", _F64, True), _f("metrics_uri", _STR, True),  # training summary
+    # registered and evaluated rows: JSON {metric: {value, n, ci_low, ci_high, split}} and the table it came from
+    _f("evaluation", _STR, True), _f("evaluation_uri", _STR, True),
+    _f("details", _STR, True),                # a small JSON object (e.g. the folder a registered model was copied from)
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec for spec in (VIDEOS, FRAMES, SAMPLES, SCORED, PAIRS, FAILURES, TRAIN_METRICS, EVALUATION,
-                                 ANSWERS)
+                                 ANSWERS, REGISTRY)
 }
 
 

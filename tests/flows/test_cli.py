@@ -142,5 +142,5 @@ def test_inspect_missing_table_is_a_clear_error(tmp_path):
 def test_help_lists_the_commands():
     proc = leanpo("--help")
     assert proc.returncode == 0
-    for command in ("demo", "run", "server", "serve", "inspect", "toy"):
+    for command in ("demo", "run", "server", "serve", "inspect", "toy", "plan", "models"):
         assert command in proc.stdout
