@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanpo_core import synthetic  # noqa: E402
 from leanpo_core.config import FramesConfig  # noqa: E402
-from leanpo_core.frames import decode_video, run_frames, uniform_indices  # noqa: E402
+from leanpo_core.decode import decode_video, uniform_indices  # noqa: E402
+from leanpo_core.frames import run_frames  # noqa: E402
 from leanpo_core.videos import write_videos  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

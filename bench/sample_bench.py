@@ -42,7 +42,7 @@ def build_requests(model: str, questions: int, candidates: int, max_tokens: int,
 
     from leanpo_core import models, toy
     from leanpo_core.config import FramesConfig, SampleConfig
-    from leanpo_core.frames import decode_video
+    from leanpo_core.decode import decode_video
     from leanpo_core.sample import first_turn
 
     clip = toy.write_test_clip(work / "clip.mp4", num_frames=48, size=(336, 448))

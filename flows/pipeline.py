@@ -5,6 +5,9 @@
 Round r works under `<root>/round-r`. Round 0 samples with `sample.model` and trains `train.model` (normally the
 same SFT model); every later round samples with, scores with and trains the newest model (docs/method.md section 5.6's
 iterative self-improvement). Held-out questions for evaluation come from the same manifest (`evaluate.split`).
+Each round's train flow runs the evaluation gate (`gate`) against ONE registry, `<root>/registry` unless
+`gate.registry` says otherwise: a round's model is promoted only if it beats the alias's current model. The rounds
+chain regardless (round r+1 trains from round r's model, promoted or not); the gate decides what is served.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pydantic import Field
 
 from leanpo_core import io
 from leanpo_core.config import EvaluateConfig, FramesConfig, PairsConfig, ReflectConfig, SampleConfig, TrainConfig
+from leanpo_core.gate import GateConfig
+from leanpo_core.layout import RunLayout
 from flows.data_refresh import data_refresh
 from flows.train import train_flow
 from tasks import report
@@ -27,10 +32,11 @@ def pipeline(manifest: str, root: str, sample: SampleConfig, train: TrainConfig,
              pairs: PairsConfig = PairsConfig(), evaluate: EvaluateConfig = EvaluateConfig(),
              rounds: Annotated[int, Field(ge=1, le=100, description="Self-improvement rounds.")] = 1,
              split: str = "train", work_dir: str | None = None, video_root: str | None = None,
-             allowed_roots: list[str] | None = None) -> dict:
+             allowed_roots: list[str] | None = None, gate: GateConfig = GateConfig()) -> dict:
     """`rounds` rounds of sampling, scoring, pairing, training and evaluation, each from the newest model;
     `video_root` and `allowed_roots` locate the manifest's videos as in the data refresh."""
     generator, policy, done = sample.model, train.model, []
+    gate = gate.model_copy(update={"registry": gate.registry or RunLayout(root).registry})
     for index in range(rounds):
         round_root = io.join_uri(root, f"round-{index}")
         refresh = data_refresh(manifest, round_root, sample.model_copy(update={"model": generator, "round": index}),
@@ -38,7 +44,7 @@ def pipeline(manifest: str, root: str, sample: SampleConfig, train: TrainConfig,
                                allowed_roots=allowed_roots)
         trained = train_flow(round_root, train.model_copy(update={"model": policy}), evaluate,
                              heldout_manifest=manifest, frames=frames, work_dir=work_dir, video_root=video_root,
-                             allowed_roots=allowed_roots)
+                             allowed_roots=allowed_roots, gate=gate)
         done.append({"generator": generator, "refresh": refresh, "train": trained})
         generator = policy = trained["model"]
     report.pipeline_report(root, done)

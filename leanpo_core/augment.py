@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from leanpo_core.config import SampleConfig
-from leanpo_core.frames import uniform_indices
+from leanpo_core.decode import uniform_indices
 
 JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}  # ColorJitter(0.4, 0.4, 0.2, 0.1)
 ASPECT = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range

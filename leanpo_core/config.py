@@ -16,6 +16,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from leanpo_core.launch import BadInput
+from leanpo_core.scoring import ScoringPrecision
 
 
 MAX_TIMEOUT_S = 86400.0  # one day; the OS's wait calls overflow on timeouts near 1e9 s
@@ -116,8 +117,13 @@ class ReflectConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="Candidates per likelihood forward.")
     backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="Judge's generation engine; "
                                                              "auto: vLLM wherever it imports.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the SFT model scores (always fp32); "
-                                                   "auto: cuda when available.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the SFT model scores; auto: cuda when "
+                                                   "available.")
+    scoring_precision: ScoringPrecision = Field(
+        "auto", description="Precision of the SFT model that scores likelihood (rbar, which the trust filter "
+        "compares). fp32: fp32 weights; bf16-weights-fp32-softmax: bf16 weights and activations, log-softmax and "
+        "sums in fp32 (half the memory, tensor-core math); auto: bf16 on a CUDA GPU with native bf16, fp32 "
+        "elsewhere. How often bf16 flips the trust filter's decision: docs/operations.md, Scoring precision.")
 
     @model_validator(mode="after")
     def _some_weight(self) -> "ReflectConfig":
@@ -199,8 +205,13 @@ class EvaluateConfig(StageConfig):
     max_questions: int = Field(0, ge=0, description="Cap on held-out questions (0: all).")
     max_model_len: int = Field(4096, ge=128, description="Engine context length (prompt + answer).")
     batch_size: int = Field(8, ge=1, description="Sequences per likelihood forward.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where likelihoods are scored (always "
-                                                   "fp32); auto: cuda when available.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where likelihoods are scored; auto: cuda "
+                                                   "when available.")
+    scoring_precision: ScoringPrecision = Field(
+        "auto", description="Precision of the models whose likelihoods are scored (rbar: preference accuracy, "
+        "answer_logp). fp32: fp32 weights; bf16-weights-fp32-softmax: bf16 weights and activations, log-softmax and "
+        "sums in fp32; auto: bf16 on a CUDA GPU with native bf16, fp32 elsewhere (docs/operations.md, Scoring "
+        "precision).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Generation seed.")
 
     @model_validator(mode="after")

@@ -17,8 +17,9 @@ For a trained `model` (and, optionally, a `baseline` such as the SFT model it st
 Accuracies carry a 95% Wilson interval in `ci_low`/`ci_high`. Every answer, right or wrong, is a row of the ANSWERS
 table next to the evaluation table (`<name>.answers.parquet`), so a reader can see what each model said.
 rbar is the mean token log-prob of a response given the clean frames and the plain question, end-of-reply token
-included, computed on the lean path (`logps.model_response_logps`, response-only logits, fp32) exactly as the
-reflect stage and the trainer score. The baseline is evaluated on every metric too, so the report compares the two.
+included, computed on the lean path (`logps.model_response_logps`, response-only logits, log-softmax in fp32;
+weights in `EvaluateConfig.scoring_precision`) exactly as the reflect stage and the trainer score. The baseline is
+evaluated on every metric too, so the report compares the two.
 
 Writes the EVALUATION table (one row per model and metric; `n` is the number of items behind the value, `details`
 a small JSON object) and a markdown report next to it (`<out minus .parquet>.md`). All likelihood scoring runs
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from leanpo_core import frames, io, models, prompts, reflect, schemas, stats, synthetic
+from leanpo_core import frames, io, prompts, reflect, schemas, scoring, stats, synthetic
 from leanpo_core.config import EvaluateConfig, load_config
 from leanpo_core.layout import RunLayout
 
@@ -126,15 +127,12 @@ def heldout_questions(videos_uri: str, store: frames.FrameStore, config: Evaluat
 
 
 def score(model_dir: str, items: list[dict], config: EvaluateConfig) -> list[float]:
-    """rbar of each item's response under `model_dir` (fp32, lean path), in `items` order."""
-    import torch
-
+    """rbar of each item's response under `model_dir` (lean path, `config.scoring_precision`), in `items` order."""
     if not items:
         return []
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor, adapter = models.load_model(model_dir, dtype=torch.float32, device=device)
+    model, processor, adapter = scoring.load_scoring_model(model_dir, config.scoring_precision, config.device)
     try:
-        return [mean for mean, _ in reflect.sft_scores(model.eval(), processor, adapter, items, config.batch_size)]
+        return [mean for mean, _ in reflect.sft_scores(model, processor, adapter, items, config.batch_size)]
     finally:
         del model
         reflect.free_memory()

@@ -14,9 +14,10 @@ The memory model (bytes; N parameters, N_t trainable, G GPUs, s the ZeRO stage):
   states      weights + fp32 master + AdamW moments, as the setup keeps them. DeepSpeed bf16: weights 2N (/G at
               s=3), master 4N_t and moments 8N_t (/G at s>=1), grads 2N_t (/G at s>=2); no DeepSpeed (DDP, autocast):
               fp32 weights 4N, grads 4N_t (+4N_t of DDP buckets over >1 GPU), moments 8N_t
-  activations the language model over 2B sequences of L tokens (B pairs per GPU): with checkpointing each layer's
-              input (L*d) is kept and one layer is recomputed at a time; without, every layer keeps
-              (6d + 5*heads*head_dim + 4I) values per token; plus the sdpa padding mask (L^2 bytes per sequence)
+  activations the language model over B rows of P + 2R tokens with prefix sharing (the default), else 2B
+              sequences of L = P + R tokens (B pairs per GPU): with checkpointing each layer's input (tokens*d)
+              is kept and one layer is recomputed at a time; without, every layer keeps
+              (6d + 5*heads*head_dim + 4I) values per token; plus the sdpa mask (length^2 bytes per row)
   logits      12 bytes per logit in backward (fp32 log-softmax output, its incoming and its outgoing gradient),
               over the response positions only (lean) or over every position (naive); chunked: one chunk, plus
               the output projection's fp32 gradient (4*V*d), so chunking pays only for long responses
@@ -47,7 +48,7 @@ from typing import Any
 
 from leanpo_core.config import (ConfigError, EvaluateConfig, FramesConfig, ReflectConfig, SampleConfig,
                                 TrainConfig)
-from leanpo_core.frames import output_size
+from leanpo_core.decode import output_size
 
 GIB = 2**30
 CONTEXT_GIB = 1.0  # CUDA context, cuBLAS workspace, NCCL buffers: outside torch's allocator
@@ -364,7 +365,8 @@ FP32_TORCH_ADAMW = Setup("fp32 torch AdamW", weight=4, grad=4, master=0, moments
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One training micro-batch on one GPU: `pairs` pairs, so 2*pairs sequences of `tokens` tokens each."""
+    """One training micro-batch on one GPU: `pairs` pairs, so 2*pairs sequences of `tokens` tokens each, or with
+    `prefix_shared` one `[prompt | chosen | rejected]` row of tokens + response tokens per pair."""
 
     pairs: int
     tokens: int  # per sequence, prompt + response
@@ -376,6 +378,7 @@ class Step:
     lora_rank: int = 0  # 0: the whole language model trains
     vision_trains: bool = False
     lean: bool = True  # False: the naive step (vision once per sequence, full-vocabulary logits)
+    prefix_shared: bool = False  # TrainConfig.prefix_sharing (lean only): the prompt once per pair
 
 
 def _layer_bytes(spec: ModelSpec, act: int) -> tuple[int, int]:
@@ -417,15 +420,17 @@ def train_memory(spec: ModelSpec, setup: Setup, step: Step) -> dict[str, float]:
     static = weights + optimizer + setup.ddp_buckets * trainable
     in_backward = 0.0 if stage is not None else grads  # DeepSpeed's gradient buffers are allocated once
     static += grads - in_backward
-    seqs = 2 * step.pairs
-    tokens = seqs * step.tokens
+    seqs = 2 * step.pairs  # scored sequences
+    rows_lm, length = (step.pairs, step.tokens + step.response) if step.prefix_shared else (seqs, step.tokens)
+    tokens = rows_lm * length
     kept, extra = _layer_bytes(spec, setup.act)
     rope = 2 * tokens * spec.head_dim * setup.act
-    mask = seqs * step.tokens**2 * (1 + setup.act)  # the padding mask, and sdpa's additive copy of it
+    mask = rows_lm * length**2 * (1 + setup.act)  # the (padding or prefix-sharing) mask, and sdpa's additive copy
     checkpoint = tokens * d * setup.hidden  # one layer's input
     videos = step.pairs if step.lean else seqs
     vision = _vision_bytes(spec, videos * step.patches, setup.act)
-    vision += 3 * step.pairs * step.video_tokens * d * setup.act  # features, their copies for both sequences
+    copies = 1 if step.prefix_shared else 2  # features, and their copy for each row that shows them
+    vision += (1 + copies) * step.pairs * step.video_tokens * d * setup.act
     if step.vision_trains:
         vision += spec.vision_depth * videos * step.patches * spec.vision_width * setup.act
     rows = seqs * (step.response if step.lean else step.tokens)
@@ -605,7 +610,8 @@ class _Trainer:
         step = Step(pairs=k["pairs"], tokens=length, response=response, patches=patches, video_tokens=video,
                     checkpointing=k["checkpointing"], chunk=k["chunk"],
                     lora_rank=self.stages.train.lora_rank if k["lora"] else 0,
-                    vision_trains=not self.stages.train.freeze_vision, lean=lean)
+                    vision_trains=not self.stages.train.freeze_vision, lean=lean,
+                    prefix_shared=lean and self.stages.train.prefix_sharing)
         return train_memory(self.spec, setup, step)
 
     def setting(self) -> str:

@@ -6,7 +6,8 @@ ground-truth answer a:
           an unparsable reply is kept as `judge_raw` with status "unparsable" and never stops the stage;
   F1      SQuAD token F1 of y against a (no model);
   rbar    the SFT model's mean token log-prob of y given the CLEAN frames and the PLAIN question, the input the
-          trainer scores with, whichever side (and view) y was sampled from.
+          trainer scores with, whichever side (and view) y was sampled from; weights in fp32 or bf16
+          (`ReflectConfig.scoring_precision`, `leanpo_core.scoring`), log-softmax in fp32.
   score = judge_weight * judge + prior_f1_weight * F1 + sft_logp_weight * rbar; a candidate without a parsed rating
           gets no judge term (as if rated at the bottom of the scale). Rank 0 is the best within (id, round, side).
 
@@ -22,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import hashlib
 import re
 import string
-import traceback
 
-from leanpo_core import frames, io, models, prompts, schemas
+from leanpo_core import frames, io, models, prompts, schemas, scoring, sharding
 from leanpo_core.config import ReflectConfig, load_config
 from leanpo_core.layout import add_table_arguments, table_arguments
 
@@ -59,37 +58,48 @@ def judge_outcome(reply: str | None) -> tuple[float | None, str]:
     return score, "ok" if score is not None else "unparsable"
 
 
+def scoring_batches(processor, adapter, items: list[dict], batch_size: int, device):
+    """Yield (item indices, collated batch on `device`): the inputs `sft_scores` scores, at most `batch_size` items
+    of equal frame shape each, right-padded.
+
+    Each item: frames, meta, question, response, finish_reason. The prompt is the plain question on the item's
+    frames; the end-of-reply token is scored when the response ended by itself, not when it was cut at max_tokens
+    (`models.ended_by_itself`, the trainer's rule too).
+    """
+    pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0  # any id: padding is masked, unscored
+    order = sorted(range(len(items)), key=lambda i: (items[i]["frames"].shape, i))
+    groups = [[i for i in order if items[i]["frames"].shape == shape]
+              for shape in dict.fromkeys(items[i]["frames"].shape for i in order)]
+    for group in groups:
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            encoded = []
+            for i in chunk:
+                it = items[i]
+                prompt = adapter.build_prompt(processor, prompts.plain_prompt(it["question"]))
+                encoded.append(adapter.encode(processor, it["frames"], prompt, it["response"], meta=it["meta"],
+                                              add_end=models.ended_by_itself(it["finish_reason"])))
+            yield chunk, {k: v.to(device) for k, v in models.collate(encoded, pad_id).items()}
+
+
 def sft_scores(model, processor, adapter, items: list[dict], batch_size: int) -> list[tuple[float, int]]:
     """(mean token log-prob, tokens scored) of each item's response under `model`, in `items` order.
 
-    Each item: frames, meta, question, response, finish_reason. The end-of-reply token is scored when the
-    response ended by itself, not when it was cut at max_tokens (`models.ended_by_itself`, the trainer's rule too).
-    Batches group items of equal frame shape.
+    Inputs as `scoring_batches` makes them. The model may hold bf16 weights (`scoring.load_scoring_model`): the
+    log-softmax and the per-response sums run in fp32 either way (`logps.token_logps`), so rbar is an fp32 number
+    computed from bf16 logits.
     """
     import torch
 
     from leanpo_core.logps import model_response_logps
 
     device = next(model.parameters()).device
-    pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0  # any id: padding is masked, unscored
-    order = sorted(range(len(items)), key=lambda i: (items[i]["frames"].shape, i))
     out: list[tuple[float, int]] = [(float("nan"), 0)] * len(items)
-    groups = [[i for i in order if items[i]["frames"].shape == shape]
-              for shape in dict.fromkeys(items[i]["frames"].shape for i in order)]
     with torch.no_grad():
-        for group in groups:
-            for start in range(0, len(group), batch_size):
-                chunk = group[start:start + batch_size]
-                encoded = []
-                for i in chunk:
-                    it = items[i]
-                    prompt = adapter.build_prompt(processor, prompts.plain_prompt(it["question"]))
-                    encoded.append(adapter.encode(processor, it["frames"], prompt, it["response"], meta=it["meta"],
-                                                  add_end=models.ended_by_itself(it["finish_reason"])))
-                batch = {k: v.to(device) for k, v in models.collate(encoded, pad_id).items()}
-                sums, counts = model_response_logps(model, batch)
-                for i, total, count in zip(chunk, sums.tolist(), counts.tolist()):
-                    out[i] = (total / count if count else float("nan"), int(count))
+        for chunk, batch in scoring_batches(processor, adapter, items, batch_size, device):
+            sums, counts = model_response_logps(model, batch)
+            for i, total, count in zip(chunk, sums.float().tolist(), counts.tolist()):
+                out[i] = (total / count if count else float("nan"), int(count))
     return out
 
 
@@ -128,25 +138,23 @@ def assign_ranks(rows: list[dict]) -> None:
 
 
 def stage_hash(config: ReflectConfig, sample_model: str) -> str:
-    """The config hash scored rows carry: the config plus the judge model (the sampling model), which it omits."""
-    return hashlib.sha256(f"{config.config_hash()}:{sample_model}".encode()).hexdigest()[:16]
+    """The config hash scored rows carry: the config plus the judge model (the sampling model), which it omits,
+    and the precision `scoring_precision` resolves to here (auto is fp32 on CPU, bf16 on a bf16 GPU: a run resumed
+    on another kind of machine rescores its shards rather than mixing the two)."""
+    precision = scoring.precision_label(config.scoring_precision, config.device)
+    return hashlib.sha256(f"{config.config_hash()}:{sample_model}:{precision}".encode()).hexdigest()[:16]
 
 
 def _shard_done(uri: str, run_hash: str, options: io.StorageOptions | None) -> bool:
-    """A scored shard is done when its manifest exists (written after the table) and its rows carry `run_hash`."""
-    try:
-        io.read_manifest(uri, options)
-        hashes = set(io.read_table(uri, schemas.SCORED, options).column("config_hash").to_pylist())
-    except FileNotFoundError:
+    """A scored shard is done when it is stored (`sharding.stored`) and its rows carry `run_hash`."""
+    if not sharding.stored(uri, options):
         return False
-    return hashes <= {run_hash}
+    return set(sharding.column(uri, schemas.SCORED, "config_hash", options)) <= {run_hash}
 
 
 def _failure(row: dict, video: str | None, exc: BaseException) -> dict:
-    return {"stage": "reflect", "id": row["id"], "video": video, "error_type": type(exc).__name__,
-            "message": f"{row['side']} candidate {row['candidate']}: {exc}",
-            "traceback": "".join(traceback.format_exception(exc)), "attempt": 1,
-            "created_at": datetime.datetime.now(datetime.timezone.utc)}
+    return sharding.exception_row("reflect", row["id"], video, exc,
+                                  f"{row['side']} candidate {row['candidate']}: {exc}")
 
 
 def prepare_shard(samples: list[dict], videos: dict[str, dict], store: frames.FrameStore) -> tuple[list[dict], list[dict]]:
@@ -189,13 +197,9 @@ def scored_rows(items: list[dict], sft: list[tuple], judged: list[tuple], config
 
 
 def load_scorer(config: ReflectConfig, sample_model: str):
-    """(model, processor, adapter) of the SFT model in fp32 (rbar gaps are small; bf16 noise could flip them)."""
-    import torch
-
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor, adapter = models.load_model(config.sft_model or sample_model, dtype=torch.float32,
-                                                  device=device)
-    return model.eval(), processor, adapter
+    """(model, processor, adapter) of the SFT model, in eval mode, on `config.device` with the weights of
+    `config.scoring_precision` (`scoring.load_scoring_model`)."""
+    return scoring.load_scoring_model(config.sft_model or sample_model, config.scoring_precision, config.device)
 
 
 def free_memory() -> None:
@@ -239,11 +243,7 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
     def write(i: int, items: list[dict], failures: list[dict], sft: list[tuple], judged: list[tuple]) -> None:
         rows, unscored = scored_rows(items, sft, judged, config, run_hash)
         failures = failures + unscored
-        # Failures first: the scored shard's manifest is what marks the shard done. An empty failures shard is
-        # written only over a stale one from an earlier attempt.
-        if failures or io.exists(io.shard_uri(failures_uri, i), options):
-            io.write_shard(failures, failures_uri, schemas.FAILURES, i, options)
-        manifests[i] = io.write_shard(rows, scored_uri, schemas.SCORED, i, options)
+        manifests[i] = sharding.write(i, rows, scored_uri, schemas.SCORED, failures, failures_uri, options)[0]
 
     # Two passes when judging: the SFT model scores every pending shard and leaves the device before the judge
     # engine starts, so the two never hold accelerator memory together (and, on CPU, HF runs before vLLM pins the

@@ -34,18 +34,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import hashlib
 import json
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from leanpo_core import augment, frames, io, prompts, schemas
+from leanpo_core import augment, frames, io, prompts, schemas, sharding
 from leanpo_core.config import ConfigError, SampleConfig, load_config
 from leanpo_core.layout import add_table_arguments, table_arguments
 from leanpo_core.engine import Completion, Engine, Request, open_engine
@@ -85,12 +83,6 @@ class SampleResult:
     failures: int = 0                             # failure rows written by this run
     manifests: list[io.Manifest] = field(default_factory=list)          # every shard of this worker, index order
     failure_manifests: list[io.Manifest] = field(default_factory=list)  # every stored failures shard of them
-
-
-def _failure(question: dict, exc: BaseException) -> dict:
-    return {"stage": STAGE, "id": question["id"], "video": question["video"], "error_type": type(exc).__name__,
-            "message": str(exc) or type(exc).__name__, "traceback": "".join(traceback.format_exception(exc)),
-            "attempt": 1, "created_at": datetime.datetime.now(datetime.timezone.utc)}
 
 
 def _generate(engine: Engine, requests: list[Request]) -> tuple[dict, dict[int, BaseException]]:
@@ -188,19 +180,15 @@ def sample_shard(engine: Engine, questions: list[dict], store: frames.FrameStore
                 "frame_indices": list(row["frame_indices"]) if side == "win" else view.frame_indices,
                 "augmentation": json.dumps(view.params, sort_keys=True) if side == "lose" else None,
                 "seed": item["seeds"][side, c], "model_revision": revision, "config_hash": config_hash})
-    return rows, [_failure(questions[pos], exc) for pos, exc in sorted(failed.items())]
+    return rows, [sharding.exception_row(STAGE, questions[pos]["id"], questions[pos]["video"], exc)
+                  for pos, exc in sorted(failed.items())]
 
 
 def _shard_done(uri: str, config_hash: str, options: io.StorageOptions | None) -> bool:
-    """True if the shard at `uri` is complete for this config; raise if it belongs to another config."""
-    try:
-        manifest = io.read_manifest(uri, options)
-        fs, path = io.filesystem(uri, options)
-        if fs.size(path) != manifest.bytes:  # killed between a rewrite of the table and of its manifest
-            return False
-    except FileNotFoundError:
+    """True if the shard at `uri` is stored and complete for this config; raise if it belongs to another config."""
+    if not sharding.stored(uri, options):
         return False
-    hashes = set(io.read_table(uri, schemas.SAMPLES, options).column("config_hash").to_pylist())
+    hashes = set(sharding.column(uri, schemas.SAMPLES, "config_hash", options))
     if hashes and hashes != {config_hash}:
         raise ValueError(f"{uri} was written with config hash(es) {sorted(hashes)}, this run's is {config_hash}: "
                          "sample into a fresh --out (and --failures) location")
@@ -222,9 +210,8 @@ def run_sample(videos_uri: str, frames_uri: str, samples_uri: str, failures_uri:
     duplicates = sorted(i for i, n in collections.Counter(q["id"] for q in questions).items() if n > 1)
     if duplicates:  # ids key seeds and rows: a duplicate would silently share both
         raise ValueError(f"{videos_uri}: duplicate question ids {duplicates[:10]}")
-    config_hash, size = config.config_hash(), config.shard_size
-    shards = {i: questions[i * size:(i + 1) * size] for i in range((len(questions) + size - 1) // size)
-              if i % workers == index}
+    config_hash = config.config_hash()
+    shards = {i: part for i, part in sharding.plan(questions, config.shard_size).items() if i % workers == index}
     todo = [i for i in shards if not _shard_done(io.shard_uri(samples_uri, i), config_hash, options)]
     result = SampleResult(samples_uri, failures_uri, shards=len(shards), skipped=len(shards) - len(todo))
     written: dict[int, tuple[io.Manifest, io.Manifest | None]] = {}
@@ -243,25 +230,17 @@ def run_sample(videos_uri: str, frames_uri: str, samples_uri: str, failures_uri:
             if own_engine:
                 engine.close()
     for i in shards:
-        samples, failures = written.get(i) or _stored_manifests(samples_uri, failures_uri, i, options)
+        samples, failures = written.get(i) or sharding.stored_manifests(i, samples_uri, failures_uri, options)
         result.manifests.append(samples)
         if failures is not None:
             result.failure_manifests.append(failures)
     return result
 
 
-def _stored_manifests(samples_uri: str, failures_uri: str, index: int, options: io.StorageOptions | None):
-    try:
-        failures = io.read_manifest(io.shard_uri(failures_uri, index), options)
-    except FileNotFoundError:
-        failures = None  # failures shards exist only where some question failed
-    return io.read_manifest(io.shard_uri(samples_uri, index), options), failures
-
-
 def _sample_shards(engine: Engine, todo: dict[int, list[dict]], store: frames.FrameStore, config: SampleConfig,
                    samples_uri: str, failures_uri: str, options: io.StorageOptions | None, result: SampleResult,
                    progress: bool) -> dict[int, tuple[io.Manifest, io.Manifest | None]]:
-    """Sample and store each shard of `todo`: its failures first, then its samples, whose manifest marks it done."""
+    """Sample and store each shard of `todo` (sharding.write: its failures first, then its samples)."""
     from rich.console import Console
     from rich.progress import MofNCompleteColumn, Progress
 
@@ -272,10 +251,7 @@ def _sample_shards(engine: Engine, todo: dict[int, list[dict]], store: frames.Fr
         task = bar.add_task(f"sample ({engine.backend})", total=sum(len(q) for q in todo.values()))
         for i, questions in todo.items():
             rows, failures = sample_shard(engine, questions, store, config, revision)
-            failure_manifest = None
-            if failures or io.exists(io.shard_uri(failures_uri, i), options):  # also clears a retry's stale one
-                failure_manifest = io.write_shard(failures, failures_uri, schemas.FAILURES, i, options)
-            written[i] = io.write_shard(rows, samples_uri, schemas.SAMPLES, i, options), failure_manifest
+            written[i] = sharding.write(i, rows, samples_uri, schemas.SAMPLES, failures, failures_uri, options)
             result.rows += len(rows)
             result.failures += len(failures)
             bar.update(task, advance=len(questions), description=f"sample ({result.failures} failed)")

@@ -72,7 +72,7 @@ class WorldSettings:
         """sha256 over these settings and the code that shapes the world's model: the build steps here, how clips are
         drawn and asked about, the toy's architecture and tokenizer, the prompt texts, how a prompt is encoded and
         which frames are sampled. Other edits leave the key, and so the shipped model, alone."""
-        from leanpo_core import frames, models
+        from leanpo_core import decode, models
 
         parts = [json.dumps(dataclasses.asdict(self), sort_keys=True),
                  repr((synthetic.WORLD_SPLITS, synthetic.PALETTE, synthetic.SHAPES, synthetic.DIRECTIONS,
@@ -85,7 +85,7 @@ class WorldSettings:
             synthetic.split_of, synthetic.scene, synthetic.skewed_params, synthetic.question_type, toy._corpus,
             toy.build_tokenizer, toy._qwen_parts, toy.build_toy_model, prompts.plain_prompt, prompts.hint_prompt,
             prompts.reflection_prompt, models.FamilyAdapter.encode, models.FamilyAdapter.build_prompt, models.collate,
-            frames.uniform_indices)]
+            decode.uniform_indices)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -76,8 +76,9 @@ def refresh_report(root: str, outputs: dict, announced: bool) -> str:
     return text
 
 
-def train_markdown(trained: dict, evaluation: dict | None, published: dict) -> str:
-    """The training run's report: steps and loss, the curve (embedded), the evaluation against the baseline."""
+def train_markdown(trained: dict, evaluation: dict | None, published: dict, gated: dict | None = None) -> str:
+    """The training run's report: steps and loss, the curve (embedded), the evaluation against the baseline, the
+    evaluation gate's comparison and decision."""
     lines = [f"# Training `{trained['run_id']}` ({trained['objective']})", "",
              f"- base model: `{trained['base_model']}`", f"- steps: {trained['steps']}, final loss: "
              f"{trained['final_loss'] if trained['final_loss'] is None else round(trained['final_loss'], 4)}",
@@ -91,6 +92,9 @@ def train_markdown(trained: dict, evaluation: dict | None, published: dict) -> s
     if evaluation:
         report = evaluation["report"]
         lines += ["## Evaluation", "", io_text(report).replace("# Evaluation", "### Evaluation", 1)]
+    if gated:
+        lines += ["", "## Evaluation gate", "", gated["markdown"], f"Registry: `{gated['registry']}`; action: "
+                  f"`{gated['action']}`" + (f"; event `{gated['event']}` emitted." if gated["event"] else ".")]
     return "\n".join(lines)
 
 
@@ -99,9 +103,9 @@ def io_text(uri: str) -> str:
 
 
 @task(name="train-report")
-def train_report(trained: dict, evaluation: dict | None, published: dict) -> str:
+def train_report(trained: dict, evaluation: dict | None, published: dict, gated: dict | None = None) -> str:
     """Markdown report artifact of one training run."""
-    text = train_markdown(trained, evaluation, published)
+    text = train_markdown(trained, evaluation, published, gated)
     create_markdown_artifact(text, key="train-report", description=f"Training run {trained['run_id']}")
     return text
 
@@ -118,6 +122,11 @@ def pipeline_report(root: str, rounds: list[dict]) -> str:
         train = done["train"]
         lines.append(f"| {index} | `{done['generator']}` | {kept} / {len(pairs)} | `{train['model']}` | "
                      f"{train['steps']} | {train['final_loss']} |")
+    gates = [(index, done["train"]["gate"]) for index, done in enumerate(rounds) if done["train"].get("gate")]
+    if gates:
+        lines += ["", "## Evaluation gate", "", "| round | model | alias | action | reason |", "|---|---|---|---|---|"]
+        lines += [f"| {index} | `{g['model_id']}` | {g['alias']} | {g['action']} | {g['reason']} |"
+                  for index, g in gates]
     for index, done in enumerate(rounds):
         evaluation = done["train"].get("evaluation")
         if evaluation:

@@ -12,13 +12,14 @@ from flows.cli import flow_parameters, load_flow, read_document
 from leanpo_core import io, schemas, synthetic
 from leanpo_core.config import (EvaluateConfig, FramesConfig, PairsConfig, PipelineConfig, ReflectConfig,
                                 SampleConfig, TrainConfig)
+from leanpo_core.gate import GateConfig
 from leanpo_core.videos import ManifestError
 from tasks import data
 from tests.flows.test_cli import REPO, leanpo
 
 CONFIGS = REPO / "configs"
 SECTIONS = {"frames": FramesConfig, "sample": SampleConfig, "reflect": ReflectConfig, "pairs": PairsConfig,
-            "train": TrainConfig, "evaluate": EvaluateConfig}
+            "train": TrainConfig, "evaluate": EvaluateConfig, "gate": GateConfig}
 EXAMPLES = ("data-refresh", "train", "pipeline")
 
 
@@ -66,7 +67,7 @@ def test_examples_validate_against_their_flow(name):
     models = [parameters[s].model for s in ("sample", "train") if s in parameters]
     assert models and all((REPO / m / "config.json").exists() for m in models), models
     if name == "pipeline":
-        PipelineConfig(**{s: parameters[s] for s in SECTIONS})
+        PipelineConfig(**{s: parameters[s] for s in SECTIONS if s != "gate"})  # the gate has no cross-stage rules
     if name != "train":  # the manifest the one command in the example's comment writes
         assert parameters["manifest"] == "runs/synthetic/manifest.jsonl"
         assert "-m leanpo_core.synthetic --out runs/synthetic " in (CONFIGS / f"{name}.yaml").read_text()

@@ -13,10 +13,12 @@ import pytest
 
 from leanpo_core import io, schemas, synthetic
 from leanpo_core.config import FramesConfig
-from leanpo_core.frames import (
-    DecodeError, DecodeWorker, VideoFailed, _decode_sequential, _gop_groups, decode, decode_video, fps_indices,
-    load_frames, main, output_size, run_frames, sample_indices, uniform_indices, video_key,
+from leanpo_core.decode import (
+    DecodeError, _decode_sequential, _gop_groups, decode, decode_video, fps_indices, output_size, sample_indices,
+    uniform_indices,
 )
+from leanpo_core.decode_worker import DecodeWorker, VideoFailed
+from leanpo_core.frames import load_frames, main, run_frames, video_key
 from leanpo_core.videos import read_videos, write_videos
 
 

@@ -217,10 +217,27 @@ def test_an_infeasible_setting_says_what_fits(tmp_path):
 
 
 def test_checkpointing_is_the_advice_when_it_suffices(tmp_path):
-    stages = _stages(tmp_path, train={"gradient_checkpointing": False, "max_length": 16384}, frames={"num_frames": 64})
+    stages = _stages(tmp_path, train={"gradient_checkpointing": False, "max_length": 16384, "prefix_sharing": False},
+                     frames={"num_frames": 64})
     result = plan.plan(plan.read_model("qwen2-vl-2b"), stages, gpus=1, gpu_memory_gib=80)
     row = next(r for r in result.rows if r.stage == "train (lean step)")
     assert not row.fits and row.advice.startswith("fits with gradient_checkpointing: true")
+
+
+def test_prefix_sharing_reads_the_prompt_once():
+    """Qwen2-VL-2B, 64 frames, 256-token responses, no checkpointing: one [prompt | chosen | rejected] row holds
+    P + 2R tokens instead of 2 (P + R), so the stored activations shrink by (P + 2R) / 2 (P + R); logits do not."""
+    spec = plan.read_model("qwen2-vl-2b")
+    video, patches = plan.video_tokens(spec, 64, 448, 448)
+    prompt, response = video + 66, 257
+    setup = plan.training_setup(plan.TrainConfig(model="m", deepspeed="none"), gpus=1)
+    steps = {shared: plan.Step(pairs=1, tokens=prompt + response, response=response, patches=patches,
+                               video_tokens=video, checkpointing=False, prefix_shared=shared) for shared in (0, 1)}
+    two_rows, one_row = (plan.train_memory(spec, setup, steps[s]) for s in (0, 1))
+    assert one_row["logits"] == two_rows["logits"]
+    ratio = one_row["activations"] / two_rows["activations"]
+    assert ratio == pytest.approx((prompt + 2 * response) / (2 * (prompt + response)), rel=0.05)
+    assert one_row["peak"] < two_rows["peak"]
 
 
 def test_context_limits_are_reported():

@@ -9,7 +9,7 @@ import pytest
 
 from leanpo_core import synthetic
 from leanpo_core.config import FramesConfig
-from leanpo_core.frames import decode_video
+from leanpo_core.decode import decode_video
 from leanpo_core.toy import _COLOURS, _MOTIONS, _SHAPES
 from leanpo_core.videos import read_videos
 

@@ -14,7 +14,8 @@ import pytest
 
 from leanpo_core import io, schemas
 from leanpo_core.config import FramesConfig
-from leanpo_core.frames import decode_video, run_frames, video_key
+from leanpo_core.decode import decode_video
+from leanpo_core.frames import run_frames, video_key
 from leanpo_core.videos import write_videos
 from tests.reliability.corrupt import DECODED, FAILED
 
