@@ -99,6 +99,14 @@ def write_result(name: str, title: str, command: str, body: list[str]) -> str:
     return text
 
 
+def display_path(path: str) -> str:
+    """A path as results files show it: relative to the repository when inside it (no machine-specific prefix)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def write_json(name: str, data: dict) -> Path:
     """Write bench/results/<name>.json (atomically, beside the markdown), with the date and machine added."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

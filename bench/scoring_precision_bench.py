@@ -214,7 +214,7 @@ def _pct(s: dict) -> str:
 def report(results: dict, model: str, args: argparse.Namespace) -> list[str]:
     what = "" if args.model else (" (the toy world's SFT model: Qwen2-VL-shaped, LLM hidden 128 x 4 layers, "
                                   "vocabulary 1360)")
-    body = [f"Scoring model: {model}{what}, {args.device}, batch size {args.batch_size}; each input's candidates "
+    body = [f"Scoring model: {common.display_path(model)}{what}, {args.device}, batch size {args.batch_size}; each input's candidates "
             "scored with fp32 weights and with bf16 weights (`scoring_precision: bf16-weights-fp32-softmax`), same "
             "inputs; pairs and ranks from the project's `reflect.scored_rows` and `pairs.select_pairs` (trust "
             "filter on, min_trust_gap 0). Shares with 95% Wilson intervals.", ""]
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         "refresh": lambda data: synthetic.generate(data, num=args.refresh_clips, seed=args.refresh_seed,
                                                    questions_per_clip=3, splits=(("train", 1.0),)),
     }
-    results = {"model": model, "device": args.device, "batch_size": args.batch_size,
+    results = {"model": common.display_path(model), "device": args.device, "batch_size": args.batch_size,
                "refresh_clips": args.refresh_clips, "refresh_seed": args.refresh_seed, "inputs": {}}
     for name, manifest_of in inputs.items():
         folder = name if name == "demo" else f"refresh-{args.refresh_clips}-{args.refresh_seed}"
