@@ -40,6 +40,7 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -186,6 +187,21 @@ def run_flow(name: str, config: str) -> dict:
     return flow_obj(**parameters)
 
 
+def check_plan(name: str, config: str, gpus: int, gpu_memory_gib: float) -> None:
+    """`leanpo run --plan`: print the memory plan of the config's model and stages (leanpo_core.plan); ConfigError,
+    before any server or stage starts, when a stage would not fit."""
+    from leanpo_core.config import ConfigError
+    from leanpo_core.plan import plan_run, render
+
+    parameters = flow_parameters(load_flow(name), read_document(config), config)
+    result, refused = plan_run(parameters, gpus, gpu_memory_gib, config)
+    print(render(result, shutil.get_terminal_size().columns if sys.stdout.isatty() else None), end="", flush=True)
+    if refused:
+        lines = "\n".join(f"  {r.stage} at {r.frames} frames: {r.peak_gib:.1f} GiB; {r.advice}" for r in refused)
+        raise ConfigError(f"{len(refused)} stage(s) would not fit {gpus} GPU(s) x {gpu_memory_gib:g} GiB; nothing "
+                          f"started:\n{lines}")
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` (an address or a name, resolved here: nothing is bound) names loopback addresses only."""
     try:
@@ -318,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                      "as nested mappings, e.g. sample: {model: /models/sft})")
     run.add_argument("--log-file", metavar="PATH", help="also append every log line, the stage processes' "
                      "included, to this file (they always reach the Prefect UI)")
+    run.add_argument("--plan", action="store_true", help="first print the tokens and peak GPU memory of every stage "
+                     "for the config's model (as `leanpo plan`), and stop (exit 2) if a stage would not fit")
+    run.add_argument("--gpus", type=int, default=1, help="with --plan: GPUs training runs on (default 1)")
+    run.add_argument("--gpu-memory-gib", type=float, default=80.0, help="with --plan: memory per GPU (default 80)")
 
     server = commands.add_parser("server", help="start the local Prefect server and UI (127.0.0.1 by default)",
                                  description="Prefect's server and UI on this project's database (PREFECT_HOME). "
@@ -389,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         return start_server(args.port, args.host)
     from leanpo_core.config import ConfigError
 
+    if args.command == "run" and args.plan:
+        try:
+            check_plan(args.flow, args.config, args.gpus, args.gpu_memory_gib)
+        except ConfigError as exc:
+            print(f"leanpo run: {exc}", file=sys.stderr)
+            return 2
     if args.command in ("run", "serve"):
         use_local_server()
     try:

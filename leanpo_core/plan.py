@@ -520,19 +520,44 @@ def read_stages(path: str | Path | None, model: str) -> Stages:
             raise ConfigError(f"invalid config {path}: not valid YAML/JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"invalid config {path}: expected a mapping of sections")
-    from pydantic import ValidationError
+    return stages_from(data, model, str(path))
+
+
+def stages_from(data: dict, model: str, source: str = "config") -> Stages:
+    """Stages from a mapping of sections (mappings or the stage config objects a validated flow holds); `model`
+    fills train.model and sample.model where absent."""
+    from pydantic import BaseModel, ValidationError
 
     sections = {}
     for name, cls in (("train", TrainConfig), ("frames", FramesConfig), ("sample", SampleConfig),
                       ("reflect", ReflectConfig), ("evaluate", EvaluateConfig)):
-        values = dict(data.get(name) or {})
+        section = data.get(name) or {}
+        values = section.model_dump(exclude_unset=True) if isinstance(section, BaseModel) else dict(section)
         if name in ("train", "sample"):
             values.setdefault("model", model)
         try:
             sections[name] = cls.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError(f"invalid config {path} [{name}]:\n{exc}") from exc
+            raise ConfigError(f"invalid config {source} [{name}]:\n{exc}") from exc
     return Stages(**sections)
+
+
+def run_model(data: dict) -> str:
+    """The model a run config trains or samples with (train.model, else sample.model): the one its plan is for."""
+    for name in ("train", "sample"):
+        section = data.get(name) or {}
+        model = getattr(section, "model", None) if not isinstance(section, dict) else section.get("model")
+        if model:
+            return str(model)
+    raise ConfigError("the config names no model (train.model or sample.model): nothing to plan")
+
+
+def plan_run(data: dict, gpus: int = 1, gpu_memory_gib: float = 80.0, source: str = "config") -> tuple[Plan, list]:
+    """The plan of a `leanpo run` config and the rows that would not fit (the naive training step, shown for
+    comparison, is never one of them): what `leanpo run --plan` prints and refuses on."""
+    model = run_model(data)
+    result = plan(read_model(model), stages_from(data, model, source), gpus, gpu_memory_gib)
+    return result, [r for r in result.rows if not r.fits and r.stage != "train (naive step)"]
 
 
 @dataclasses.dataclass
@@ -574,9 +599,10 @@ def _gib(parts: dict) -> dict[str, float]:
 
 
 def _scoring_bf16(config) -> bool:
-    """Whether a scoring stage keeps bf16 weights (a `precision`/`scoring_precision` field naming bf16)."""
-    value = getattr(config, "scoring_precision", None) or getattr(config, "precision", None) or "fp32"
-    return "bf16" in str(value)
+    """Whether a scoring stage keeps bf16 weights on the planned GPU: `scoring_precision` naming bf16, or `auto`
+    (bf16 on a CUDA device with native bf16, which the plan assumes) unless the stage's device is the CPU."""
+    value = str(getattr(config, "scoring_precision", None) or getattr(config, "precision", None) or "fp32")
+    return "bf16" in value or (value == "auto" and getattr(config, "device", "auto") != "cpu")
 
 
 class _Trainer:

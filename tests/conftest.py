@@ -39,5 +39,5 @@ def pytest_sessionfinish(session, exitstatus):
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", ()):
             if isinstance(handler, PrefectConsoleHandler):
-                handler.setStream(sys.__stderr__)
+                handler.stream = sys.__stderr__  # not setStream(): it flushes the old stream, perhaps closed
                 handler.console.file = sys.__stderr__  # it prints through a rich Console holding the stream too

@@ -17,6 +17,8 @@ import torch
 from leanpo_core import models, plan, toy
 from leanpo_core.config import ConfigError
 
+ROOT = Path(__file__).resolve().parents[2]
+
 FAMILIES = toy.FAMILIES
 PUBLISHED = sorted(plan.PUBLISHED)
 GIB, MIB = 2**30, 2**20
@@ -295,6 +297,45 @@ def test_inputs_the_plan_reads(toy_dirs):
     wide = plan.plan(spec, plan.read_stages(None, "m"), frame_counts=[16], frame_size=(1280, 720))
     assert wide.frame_size == (448, 252) and wide.rows[0].video_tokens == 8 * 9 * 16
     assert plan._scoring_bf16(SimpleNamespace(precision="bf16-weights-fp32-softmax"))
-    assert not plan._scoring_bf16(plan.read_stages(None, "m").reflect)
+    default = plan.read_stages(None, "m").reflect  # scoring_precision auto: bf16 on the GPU the plan is for
+    assert default.scoring_precision == "auto" and plan._scoring_bf16(default)
+    assert not plan._scoring_bf16(default.model_copy(update={"device": "cpu"}))
+    assert not plan._scoring_bf16(default.model_copy(update={"scoring_precision": "fp32"}))
     fp32, bf16 = (plan.scoring_memory(spec, 8, 3000, 1000, 8192, half)["weights"] for half in (False, True))
     assert fp32 == 2 * bf16 == 4 * plan.param_counts(spec).total
+
+
+def test_plan_of_a_run_config_names_the_stages_that_would_not_fit():
+    """`leanpo run --plan`'s check: the example configs fit an 80 GiB GPU; a 7B model at 64 frames on a 24 GiB GPU
+    does not, and the refusals are the stages, never the naive step shown for comparison."""
+    import yaml
+
+    for name in ("data-refresh", "train", "pipeline"):
+        data = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        result, refused = plan.plan_run(data, source=name)
+        assert refused == [] and result.family == "qwen2_vl", name
+    data = {"train": {"model": "qwen2-vl-7b"}, "frames": {"num_frames": 64}}
+    result, refused = plan.plan_run(data, gpus=1, gpu_memory_gib=24)
+    stages = {r.stage for r in refused}
+    assert "train (lean step)" in stages and "train (naive step)" not in stages
+    assert all(not r.fits and r.advice for r in refused)
+    with pytest.raises(plan.ConfigError, match="names no model"):
+        plan.plan_run({"frames": {}})
+
+
+def test_leanpo_run_plan_refuses_before_any_work(tmp_path, capsys):
+    """`leanpo run --plan`: the plan is printed and a run whose stages would not fit stops with exit 2, before a
+    Prefect server or any stage starts (nothing is written under the run's root)."""
+    import yaml
+
+    from flows.cli import main
+
+    root = tmp_path / "run"
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"root": str(root), "train": {"model": "qwen2-vl-7b"},
+                                      "frames": {"num_frames": 64}}))
+    assert main(["run", "train", "--config", str(config), "--plan", "--gpu-memory-gib", "24"]) == 2
+    captured = capsys.readouterr()
+    assert "train (lean step)" in captured.out and "peak GiB/GPU" in captured.out
+    assert "would not fit" in captured.err and "nothing started" in captured.err
+    assert not root.exists()
