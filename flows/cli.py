@@ -3,11 +3,13 @@
     leanpo demo                       the main job on the embedded default, in the toy world: its SFT model and
                                       synthetic clips, data refresh, LeanPO training, held-out accuracy
                                       before/after with 95% intervals, per question type
-    leanpo run FLOW --config FILE     run a flow (data-refresh, train, pipeline) with its parameters from YAML/JSON
+    leanpo run FLOW --config FILE     run a flow (data-refresh, train, pipeline, export) with its parameters from
+                                      YAML/JSON (--plan: the GPU memory plan first; stop if a stage would not fit)
     leanpo server [--port 4200]       the local Prefect server + UI (127.0.0.1) on this project's database; the UI
                                       calls the API on the same address and port (--host: see `leanpo server -h`)
-    leanpo serve [--config FILE]      serve the deployments in this process: nightly data refresh, retrain on new
-                                      pairs (event leanpo.pairs.published), manual pipeline
+    leanpo serve [--config FILE]      serve prefect.yaml's deployments in this process: nightly data refresh,
+                                      retrain weekly and on new pairs (event leanpo.pairs.published), export of
+                                      each promoted model (event leanpo.model.promoted), manual pipeline
     leanpo inspect URI [--rows 5]     schema, row count and first rows of any table the pipeline wrote (local or s3://)
     leanpo toy --family F --out DIR   build a tiny offline model of a family
     leanpo plan --model M [--gpus N]  tokens and peak GPU memory of each stage before a run, from config.json
@@ -20,10 +22,11 @@ shows every run that `leanpo demo` and `leanpo run` made. `leanpo run` and `lean
 answering on 127.0.0.1:4200 (runs show live in its UI), else, like `leanpo demo`, a temporary server on that
 database for the duration of the command; PREFECT_API_URL, when set, always wins.
 
-`leanpo serve` vs prefect.yaml: `serve` registers the deployments and runs their flow runs itself, in this process
-(one machine, nothing else to start; stopping it pauses their schedules). prefect.yaml is the same deployments for
-`prefect deploy --all`: runs then go to a work pool, and a `prefect worker` on the GPU host executes them, which is
-how several machines share the work.
+`leanpo serve` vs `prefect deploy --all`: both read the deployments from prefect.yaml (flows/deployments.py).
+`serve` registers them and runs their flow runs itself, in this process (one machine, nothing else to start;
+stopping it pauses their schedules), with parameters from prefect.yaml's environment templates and its --config;
+`prefect deploy --all` sends runs to a work pool, and a `prefect worker` on the GPU host executes them, which is how
+several machines share the work.
 
 The console shows one line per stage (rows written, time) plus Prefect's task states; what the stage processes
 print (vLLM, transformers, DeepSpeed ranks) goes to the task run's log in the Prefect UI and to the log file
@@ -51,7 +54,7 @@ import pyarrow as pa
 from leanpo_core.launch import VERBOSE_ENV, child_environment
 
 FLOWS = {"data-refresh": ("flows.data_refresh", "data_refresh"), "train": ("flows.train", "train_flow"),
-         "pipeline": ("flows.pipeline", "pipeline")}
+         "pipeline": ("flows.pipeline", "pipeline"), "export": ("flows.export", "export_flow")}
 DEFAULT_HOME = Path("runs") / ".prefect"
 
 
@@ -279,37 +282,21 @@ def partial_parameters(flow_obj, data: dict, source: str) -> dict:
 
 
 def serve(config: str | None) -> None:
-    """Serve the deployments in this process (see the module docstring); parameters per flow from `config`."""
+    """Serve prefect.yaml's deployments in this process (flows/deployments.py); parameters per flow from `config`."""
     from prefect import serve as prefect_serve
-    from prefect.events import DeploymentEventTrigger
-    from prefect.schedules import Cron
 
+    from flows.deployments import runner_deployments
     from leanpo_core.config import ConfigError
-    from tasks.data import PAIRS_PUBLISHED
 
     sections = read_document(config) if config else {}
     unknown = sorted(set(sections) - set(FLOWS))
     if unknown:
         raise ConfigError(f"config {config}: unknown section(s) {unknown}; expected some of {sorted(FLOWS)}")
-    defaults = {name: partial_parameters(load_flow(name), sections.get(name) or {}, f"{config} [{name}]")
-                for name in FLOWS}
-    refresh, train, pipeline = (load_flow(name) for name in FLOWS)
-    deployments = [
-        refresh.to_deployment("data-refresh", parameters=defaults["data-refresh"], tags=["leanpo", "data"]),
-        train.to_deployment("retrain", parameters=defaults["train"], tags=["leanpo", "train"],
-                            triggers=[DeploymentEventTrigger(expect={PAIRS_PUBLISHED},
-                                                             match={"prefect.resource.id": "leanpo.pairs.*"},
-                                                             parameters={"root": "{{ event.payload.root }}"})]),
-        pipeline.to_deployment("pipeline", parameters=defaults["pipeline"], tags=["leanpo"]),
-    ]
-    try:  # the nightly schedule only when its runs would have every required parameter
-        flow_parameters(refresh, defaults["data-refresh"], str(config))
-        deployments.append(refresh.to_deployment("data-refresh-nightly", parameters=defaults["data-refresh"],
-                                                 schedules=[Cron("0 2 * * *", timezone="UTC")],
-                                                 tags=["leanpo", "data"]))
-    except ConfigError:
-        print("leanpo serve: no nightly data refresh (the config's data-refresh section lacks required "
-              "parameters: manifest, root, sample.model)", file=sys.stderr)
+    for name, section in sections.items():
+        partial_parameters(load_flow(name), section or {}, f"{config} [{name}]")
+    deployments, notes = runner_deployments(sections, FLOWS, load_flow)
+    for note in notes:
+        print(f"leanpo serve: {note}", file=sys.stderr)
     prefect_serve(*deployments)
 
 
@@ -350,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="allow a --host that is not loopback, with a warning: the Prefect API has no "
                         "authentication by default, so anyone who reaches the port can read runs and start flows")
 
-    served = commands.add_parser("serve", help="serve the deployments (schedules, retrain trigger) in-process")
+    served = commands.add_parser("serve", help="serve prefect.yaml's deployments (schedules, triggers) in-process")
     served.add_argument("--config", help="YAML/JSON with a section of parameters per flow: data-refresh, train, "
-                        "pipeline (the nightly schedule needs the data-refresh section)")
+                        "pipeline, export, merged over prefect.yaml's (whose $VARs come from the environment); a "
+                        "schedule is served only when its runs have every required parameter")
     for command in (demo, run, served):
         command.add_argument("--verbose", action="store_true",
                              help="every stage process line on the console too, with third-party progress bars "

@@ -127,6 +127,21 @@ def pair_lines(pairs_uri: str, videos_uri: str) -> list[str]:
     return lines
 
 
+def gate_lines(gated: dict | None, root: str) -> list[str]:
+    """The evaluation gate's decision: promoted or not, why, and what the alias serves now."""
+    if not gated:
+        return ["evaluation gate: off (nothing registered)"]
+    before = gated["current_before"]
+    if gated["promote"]:
+        head = (f"{gated['model_id']} PROMOTED to {gated['alias']} "
+                f"({f'replacing {before}' if before else 'its first model'})")
+    else:
+        head = (f"{gated['model_id']} kept in the registry, NOT promoted: {gated['alias']} stays "
+                f"{before or 'without a model (the SFT model stays in service)'}")
+    return [f"evaluation gate: {head}", f"  why: {gated['reason']}",
+            f"  lineage of every model trained here: .venv/bin/leanpo models list --root {root}"]
+
+
 def run_demo(workdir: str = "runs/demo", max_train_questions: int = 0, max_test_questions: int = 0) -> dict:
     """Run the demo flow and print a summary (Prefect settings come from `flows.cli.prefect_environment`)."""
     root = str(Path(workdir).resolve())
@@ -162,6 +177,8 @@ def run_demo(workdir: str = "runs/demo", max_train_questions: int = 0, max_test_
     print(f"  video-blind baselines on the full test split: uniform guess {blind['uniform']:.3f}, most common "
           f"answer of the type {blind['type_prior']:.3f}, of the question {blind['question_prior']:.3f}")
     print(f"  report: {evaluation['report']}")
+    for line in gate_lines(trained.get("gate"), root):
+        print(line)
     print(f"inspect a table: .venv/bin/leanpo inspect {refresh['pairs']['uri']}")
     home = os.environ.get("PREFECT_HOME")
     prefix = "" if home == str(Path("runs/.prefect").resolve()) else f"PREFECT_HOME={home} "

@@ -3,11 +3,12 @@
     leanpo run pipeline --config pipeline.yaml    # parameters below as YAML/JSON; or the pipeline deployment
 
 Round r works under `<root>/round-r`. Round 0 samples with `sample.model` and trains `train.model` (normally the
-same SFT model); every later round samples with, scores with and trains the newest model (docs/method.md section 5.6's
-iterative self-improvement). Held-out questions for evaluation come from the same manifest (`evaluate.split`).
-Each round's train flow runs the evaluation gate (`gate`) against ONE registry, `<root>/registry` unless
-`gate.registry` says otherwise: a round's model is promoted only if it beats the alias's current model. The rounds
-chain regardless (round r+1 trains from round r's model, promoted or not); the gate decides what is served.
+same SFT model). Each round's train flow runs the evaluation gate (`gate`) against ONE registry, `<root>/registry`
+unless `gate.registry` says otherwise: a round's model is promoted only if it beats the alias's current model, and
+every later round samples with, scores with and trains the alias's current (promoted) model, so a rejected candidate
+is never built on (while nothing is promoted, the model the previous round started from). With `gate.enabled:
+false` each round starts from the newest model (docs/method.md section 5.6's iterative self-improvement). Held-out
+questions for evaluation come from the same manifest (`evaluate.split`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from leanpo_core.gate import GateConfig
 from leanpo_core.layout import RunLayout
 from flows.data_refresh import data_refresh
 from flows.train import train_flow
+from tasks import gate as gate_tasks
 from tasks import report
 
 
@@ -33,8 +35,10 @@ def pipeline(manifest: str, root: str, sample: SampleConfig, train: TrainConfig,
              rounds: Annotated[int, Field(ge=1, le=100, description="Self-improvement rounds.")] = 1,
              split: str = "train", work_dir: str | None = None, video_root: str | None = None,
              allowed_roots: list[str] | None = None, gate: GateConfig = GateConfig()) -> dict:
-    """`rounds` rounds of sampling, scoring, pairing, training and evaluation, each from the newest model;
-    `video_root` and `allowed_roots` locate the manifest's videos as in the data refresh."""
+    """`rounds` rounds of sampling, scoring, pairing, training and evaluation; with the gate (the default) each
+    later round starts from the alias's current (promoted) model, so a rejected candidate is never built on;
+    without it, from the newest model. `video_root` and `allowed_roots` locate the manifest's videos as in the data
+    refresh."""
     generator, policy, done = sample.model, train.model, []
     gate = gate.model_copy(update={"registry": gate.registry or RunLayout(root).registry})
     for index in range(rounds):
@@ -46,6 +50,15 @@ def pipeline(manifest: str, root: str, sample: SampleConfig, train: TrainConfig,
                              heldout_manifest=manifest, frames=frames, work_dir=work_dir, video_root=video_root,
                              allowed_roots=allowed_roots, gate=gate)
         done.append({"generator": generator, "refresh": refresh, "train": trained})
-        generator = policy = trained["model"]
+        generator = policy = next_model(trained, gate, generator)
     report.pipeline_report(root, done)
     return {"rounds": done, "model": generator}
+
+
+def next_model(trained: dict, gate: GateConfig, previous: str) -> str:
+    """The model the next round samples with and trains: the gate's current model for the alias (its registry
+    copy) when the gate ran, else `previous` while nothing is current; without the gate, the newest model."""
+    if not gate.enabled:
+        return trained["model"]
+    current = gate_tasks.current_model(gate.registry, gate.alias)
+    return current["model_uri"] if current else previous

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator, Mapping
 
@@ -378,3 +379,21 @@ def dataset_manifest(root_uri: str, spec: schemas.TableSpec, options: StorageOpt
     digest = hashlib.sha256("".join(f"{i}:{m.content_hash};" for (i, _), m in zip(shards, found)).encode())
     return Manifest(uri=root_uri, table=spec.name, rows=sum(m.rows for m in found), schema_version=spec.version,
                     content_hash=digest.hexdigest(), bytes=sum(m.bytes for m in found))
+
+
+def copy_folder(source: str, dest: str, options: StorageOptions | None = None) -> None:
+    """Copy a folder (a model) to `dest`, replacing what was there; either may be local or S3. Not atomic: callers
+    make the copy count by a record written after it (the registry's `registered` event, a published.json, a
+    serving pointer), so a copy cut short is overwritten by the next try."""
+    src_fs, src_path = filesystem(source, options)
+    dst_fs, dst_path = filesystem(dest, options)
+    with storage_errors("copy a folder to", dest, options, missing_ok=False):
+        if "://" not in source and "://" not in dest:
+            shutil.rmtree(dst_path, ignore_errors=True)
+            shutil.copytree(src_path, dst_path)
+        elif "://" not in source:
+            dst_fs.put(src_path.rstrip("/") + "/", dst_path, recursive=True)
+        elif "://" not in dest:
+            src_fs.get(src_path.rstrip("/") + "/", dst_path, recursive=True)
+        else:
+            src_fs.copy(src_path.rstrip("/") + "/", dst_path, recursive=True)

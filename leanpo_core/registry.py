@@ -152,23 +152,6 @@ def evaluation_results(evaluation_uri: str, model: str | None = None,
     return found
 
 
-def _copy_folder(source: str, dest: str, options: io.StorageOptions | None) -> None:
-    """Copy a model folder to `dest` (either may be local or S3). Not atomic: the `registered` event written after
-    it is what makes the copy count; a copy cut short is overwritten by the next register of that id."""
-    src_fs, src_path = io.filesystem(source, options)
-    dst_fs, dst_path = io.filesystem(dest, options)
-    with io.storage_errors("copy a model folder to", dest, options, missing_ok=False):
-        if "://" not in source and "://" not in dest:
-            shutil.rmtree(dst_path, ignore_errors=True)
-            shutil.copytree(src_path, dst_path)
-        elif "://" not in source:
-            dst_fs.put(src_path.rstrip("/") + "/", dst_path, recursive=True)
-        elif "://" not in dest:
-            src_fs.get(src_path.rstrip("/") + "/", dst_path, recursive=True)
-        else:
-            src_fs.copy(src_path.rstrip("/") + "/", dst_path, recursive=True)
-
-
 def _jsonable(row: dict) -> dict:
     return {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()}
 
@@ -336,7 +319,7 @@ class Registry:
         if evaluation_uri and evaluation is None:
             evaluation = evaluation_results(_absolute(evaluation_uri), options=self.options)
         if copy:
-            _copy_folder(source, stored, self.options)
+            io.copy_folder(source, stored, self.options)
             details = {**(details or {}), "copied_from": source}
         self._append(state, {
             "event": "registered", "model_id": model_id, "model_uri": stored, "base_model": base_model,

@@ -69,3 +69,23 @@ def gate(config: GateConfig, registry: str, published: dict, comparison: dict, r
     else:
         logger.info(f"{model_id} for {config.alias}: {action} ({decision.reason})")
     return record
+
+
+@task(name="export-current", **RETRIES)
+def export_current(registry: str, alias: str, target: str | None, expected_model_id: str | None) -> dict:
+    """Copy the alias's current model to the serving folder and point `current.json` at it (leanpo_core/export.py),
+    with a markdown artifact saying what is served now."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from leanpo_core.export import export_current as export
+
+    result = export(registry, alias, target, expected_model_id)
+    stale = (f"\n\nThe event named `{expected_model_id}`, which is no longer current: the current model was "
+             f"exported instead." if result["stale_event"] else "")
+    create_markdown_artifact(key=f"served-{alias}", description=f"what {alias} serves", markdown=(
+        f"**{alias}** serves `{result['model_id']}` from `{result['path']}` (pointer `current.json`; "
+        f"{'copied now' if result['copied'] else 'folder already there'}).\n\nPromoted {result['promoted_at']}: "
+        f"{result['reason']}{stale}"))
+    get_run_logger().info(f"{alias} serves {result['model_id']} from {result['path']}"
+                          + (" (the event's model is no longer current)" if result["stale_event"] else ""))
+    return result

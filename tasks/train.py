@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,14 +135,6 @@ def evaluate(trained: dict, config: EvaluateConfig, videos: dict, frames: dict, 
                         for r in rows]}
 
 
-def _copy_folder(source: str, dest: str) -> None:
-    if "://" not in dest:
-        shutil.copytree(source, dest, dirs_exist_ok=True)
-        return
-    fs, path = io.filesystem(dest)
-    fs.put(source.rstrip("/") + "/", path, recursive=True)
-
-
 @task(name="publish", **RETRIES)
 def publish(root: str, trained: dict, evaluation: dict | None = None) -> dict:
     """Put the exported model, metrics table and plot at the run root (copied when trained elsewhere) and record
@@ -152,7 +143,7 @@ def publish(root: str, trained: dict, evaluation: dict | None = None) -> dict:
     model_uri, metrics_uri = io.join_uri(dest, "model"), io.join_uri(dest, "metrics.parquet")
     plot_uri = io.join_uri(dest, "metrics.png")
     if Path(dest).resolve() != Path(trained["output_dir"]).resolve() or "://" in dest:
-        _copy_folder(trained["model"], model_uri)
+        io.copy_folder(trained["model"], model_uri)
         for name in ("metrics.parquet", io.manifest_uri("metrics.parquet"), "metrics.png"):
             io.write_bytes(io.join_uri(dest, name), (Path(trained["output_dir"]) / name).read_bytes())
     record = {"run_id": trained["run_id"], "objective": trained["objective"], "base_model": trained["base_model"],

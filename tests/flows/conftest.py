@@ -173,10 +173,16 @@ def refresh_run(prefect_stack):
     flow_run = stack.api("POST", f"/deployments/{deployment['id']}/create_flow_run",
                          json={"parameters": parameters, "idempotency_key": f"refresh-run-{uuid.uuid4()}"})
     # Only the default queue: a retrain that a published-pairs event starts waits on queue "train", unexecuted.
+    return run_on_worker(stack, flow_run, timeout_s=600)  # the smallest run takes 1-3 min on 2 busy cores
+
+
+def run_on_worker(stack: PrefectStack, flow_run: dict, timeout_s: float) -> dict:
+    """Start a `prefect worker` on the pool's default queue, wait (bounded) until `flow_run` ends, stop the worker;
+    the run as the server has it then, with the worker's log tail in `worker_log`."""
     worker = stack.start("worker", "start", "--pool", "leanpo-local", "--work-queue", "default",
                          log="worker.log")
     try:
-        deadline = time.monotonic() + 600  # the smallest run takes 1-3 min on 2 busy cores
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             flow_run = stack.api("GET", f"/flow_runs/{flow_run['id']}")
             if flow_run["state"]["type"] in TERMINAL:

@@ -20,7 +20,7 @@ from tests.flows.test_cli import REPO, leanpo
 CONFIGS = REPO / "configs"
 SECTIONS = {"frames": FramesConfig, "sample": SampleConfig, "reflect": ReflectConfig, "pairs": PairsConfig,
             "train": TrainConfig, "evaluate": EvaluateConfig, "gate": GateConfig}
-EXAMPLES = ("data-refresh", "train", "pipeline")
+EXAMPLES = ("data-refresh", "train", "pipeline", "export")
 
 
 def _fields(lines: list[str], indent: str, names) -> dict[str, tuple[bool, object]]:
@@ -64,6 +64,9 @@ def test_examples_validate_against_their_flow(name):
     """`leanpo run`'s own validation (flows/cli.py) accepts each example; the model it names is the toy world's,
     shipped in the repository; the pipeline's settings pass the cross-stage rules too (a lean view that is lean)."""
     parameters = flow_parameters(load_flow(name), read_document(CONFIGS / f"{name}.yaml"), name)
+    if name == "export":  # the registry that the train example's gate writes
+        assert parameters["registry"] == read_document(CONFIGS / "train.yaml")["root"] + "/registry"
+        return
     models = [parameters[s].model for s in ("sample", "train") if s in parameters]
     assert models and all((REPO / m / "config.json").exists() for m in models), models
     if name == "pipeline":

@@ -12,10 +12,11 @@ from zoneinfo import ZoneInfo
 import yaml
 
 from leanpo_core import io, schemas
+from tests.flows.conftest import run_on_worker
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = {("data-refresh", "data-refresh-nightly"), ("data-refresh", "data-refresh"), ("train", "retrain"),
-               ("pipeline", "pipeline")}
+               ("pipeline", "pipeline"), ("export", "export-on-promotion")}
 TABLES = {"videos-table": schemas.VIDEOS, "frames-table": schemas.FRAMES, "samples-table": schemas.SAMPLES,
           "scored-table": schemas.SCORED, "pairs-table": schemas.PAIRS}
 
@@ -173,3 +174,68 @@ def test_the_server_rejects_a_job_template_whose_variables_are_undeclared(prefec
     response = prefect_stack.http.post("/work_pools/", json={"name": "leanpo-k8s-broken", "type": "kubernetes",
                                                               "base_job_template": template})
     assert response.status_code == 422 and "gpus" in response.text, response.text
+
+
+def waited_runs(stack, deployment: dict, where, timeout_s: float = 120) -> list[dict]:
+    """Runs of `deployment` for which `where(run)` holds, waited for (the triggers service is asynchronous)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = stack.api("POST", "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}})
+        runs = [r for r in found if where(r)]
+        if runs or time.monotonic() > deadline:
+            return runs
+        time.sleep(1)
+
+
+def test_a_promotion_event_exports_the_promoted_model(prefect_stack):
+    """The gate's `leanpo.model.promoted` event -> export-on-promotion -> a real worker copies the model into the
+    serving folder and points current.json at it."""
+    from leanpo_core.export import read_pointer
+    from leanpo_core.registry import Registry
+
+    registry = Registry(str(prefect_stack.workdir / f"registry-{uuid.uuid4().hex[:6]}"))
+    registry.register("m1", prefect_stack.model, base_model="sft", reason="trained by the test")
+    registry.promote("production", "m1", "beats sft by 2 pp")
+    prefect_stack.api("POST", "/events", json=[{  # as tasks.gate emits it
+        "id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+        "event": "leanpo.model.promoted",
+        "resource": {"prefect.resource.id": "leanpo.model.production", "prefect.resource.name": "m1"},
+        "payload": {"model_id": "m1", "alias": "production", "registry": registry.uri,
+                    "model_uri": registry.get("m1")["model_uri"], "previous_model_id": None,
+                    "reason": "beats sft by 2 pp", "evaluation": None}}])
+    export = prefect_stack.deployment("export", "export-on-promotion")
+    runs = waited_runs(prefect_stack, export, lambda r: r["parameters"].get("registry") == registry.uri)
+    assert len(runs) == 1, "no export run within 120 s of the event"
+    assert runs[0]["parameters"] == {"registry": registry.uri, "alias": "production", "model_id": "m1"}
+    finished = run_on_worker(prefect_stack, runs[0], timeout_s=300)
+    assert finished["state"]["type"] == "COMPLETED", finished["worker_log"]
+    pointer = read_pointer(f"{registry.uri}/serving/production")
+    assert pointer["model_id"] == "m1" and pointer["reason"] == "beats sft by 2 pp"
+    assert (Path(pointer["path"]) / "config.json").read_bytes() == (Path(prefect_stack.model) / "config.json").read_bytes()
+
+
+def test_leanpo_serve_builds_the_deployments_prefect_yaml_declares(prefect_stack):
+    """One definition: the deployments `leanpo serve` builds (flows/deployments.py) have the names, descriptions,
+    tags, parameters, schedules, triggers and concurrency limits that `prefect deploy --all` registered."""
+    from flows.cli import FLOWS, load_flow
+    from flows.deployments import runner_deployments
+
+    served, notes = runner_deployments({}, FLOWS, load_flow, environ=prefect_stack.env)
+    assert notes == []  # the environment gives every schedule its parameters
+    assert {(d.flow_name, d.name) for d in served} == {(load_flow(f).name, n) for f, n in DEPLOYMENTS}
+    for d in served:
+        remote = prefect_stack.deployment(d.flow_name, d.name)
+        assert remote["parameters"] == d.parameters, d.name
+        assert remote["description"] == d.description and sorted(remote["tags"]) == sorted(d.tags), d.name
+        assert [(s["schedule"]["cron"], s["schedule"]["timezone"], s["active"]) for s in remote["schedules"]] == \
+            [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules], d.name
+        limit = remote["global_concurrency_limit"]
+        assert (limit["limit"] if limit else None) == d.concurrency_limit, d.name
+        automations = prefect_stack.api("GET", f"/automations/related-to/prefect.deployment.{remote['id']}")
+        declared = [t.model_dump(mode="json") for t in d.triggers]
+        assert len(automations) == len(declared), d.name
+        for automation, trigger in zip(automations, declared):
+            (action,) = automation["actions"]
+            assert action["parameters"] == trigger["parameters"], d.name
+            for key in ("expect", "match", "posture", "threshold", "within"):
+                assert automation["trigger"][key] == trigger[key], (d.name, key)

@@ -125,3 +125,21 @@ def test_gate_off_registers_nothing(root):
     ACCURACY[str(Path(RunLayout(root).train("r0"), "model").resolve())] = 0.9
     result = train_flow(root, {"model": base}, run_id="r0", gate={"enabled": False})
     assert result["gate"] is None and Registry(RunLayout(root).registry).models() == []
+
+
+def test_pipeline_rounds_start_from_the_current_model(root):
+    """After a round, the pipeline's next round starts from the alias's current (promoted) model, as the registry
+    keeps it; a rejected candidate is never built on; with the gate off, the newest model is."""
+    from flows.pipeline import next_model
+    from leanpo_core.gate import GateConfig
+
+    gate = GateConfig(registry=RunLayout(root).registry)
+    base = str(Path(root).parent / "base")
+    first = _run(root, "r1", 0.60)  # promoted
+    assert next_model(first, gate, previous=base) == Registry(gate.registry).get("r1")["model_uri"]
+    second = _run(root, "r2", 0.55)  # rejected: the next round starts from r1 again, not from r2
+    assert second["gate"]["action"] == "rejected"
+    assert next_model(second, gate, previous=first["model"]) == Registry(gate.registry).get("r1")["model_uri"]
+    assert next_model(second, gate.model_copy(update={"enabled": False}), previous=base) == second["model"]
+    empty = GateConfig(registry=str(Path(root).parent / "empty-registry"))
+    assert next_model(second, empty, previous=base) == base  # nothing promoted yet: where the round started
