@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         plan_main(rest)
         return 0
     if args.command == "models":
-        from leanpo_core.registry import cli as models_cli
+        from leanpo_core.registry_cli import cli as models_cli
 
         return models_cli(rest, prog="leanpo models")
     if rest:

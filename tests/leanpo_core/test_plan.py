@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from leanpo_core import models, plan, toy
-from leanpo_core.config import ConfigError
+from leanpo_core import memory, models, plan, shapes, toy
+from leanpo_core.config import ConfigError, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
 FAMILIES = toy.FAMILIES
-PUBLISHED = sorted(plan.PUBLISHED)
+PUBLISHED = sorted(shapes.PUBLISHED)
 GIB, MIB = 2**30, 2**20
 
 
@@ -32,7 +32,7 @@ def _stages(folder: Path, **sections) -> plan.Stages:
 
 def _config_folder(name: str, folder: Path) -> Path:
     """`folder` holding a PUBLISHED entry as config.json (the Qwen pixel limits as preprocessor_config.json)."""
-    config = dict(plan.PUBLISHED[name])
+    config = dict(shapes.PUBLISHED[name])
     processor = config.pop("preprocessor", None)
     (folder / "config.json").write_text(json.dumps(config))
     if processor:
@@ -55,8 +55,8 @@ def _meta_counts(folder: Path) -> dict[str, int]:
 @pytest.mark.parametrize("name", [*FAMILIES, *PUBLISHED])
 def test_parameter_counts_equal_the_transformers_model(name, toy_dirs, tmp_path):
     folder = toy_dirs[name] if name in FAMILIES else _config_folder(name, tmp_path)
-    spec = plan.read_model(toy_dirs[name] if name in FAMILIES else name)
-    got, want = plan.param_counts(spec), _meta_counts(folder)
+    spec = shapes.read_model(toy_dirs[name] if name in FAMILIES else name)
+    got, want = shapes.param_counts(spec), _meta_counts(folder)
     assert got.total == want["total"]
     assert got.language == want["language"]
     # Qwen's `visual` holds its patch merger (the plan's projector); LLaVA's tower is the tower alone
@@ -65,7 +65,7 @@ def test_parameter_counts_equal_the_transformers_model(name, toy_dirs, tmp_path)
 
 def test_published_shapes_are_the_public_sizes():
     """Totals as the model cards round them: 2.21B, 8.29B, 8.29B, 7.06B, 8.03B."""
-    billions = {n: round(plan.param_counts(plan.read_model(n)).total / 1e9, 2) for n in PUBLISHED}
+    billions = {n: round(shapes.param_counts(shapes.read_model(n)).total / 1e9, 2) for n in PUBLISHED}
     assert billions == {"qwen2-vl-2b": 2.21, "qwen2-vl-7b": 8.29, "qwen2.5-vl-7b": 8.29,
                         "llava-next-video-7b": 7.06, "llava-onevision-7b": 8.03}
 
@@ -76,13 +76,13 @@ def test_lora_count_equals_peft(toy_dirs):
     model, _, _ = models.load_model(toy_dirs["qwen2_vl"])
     peft_model = _add_lora(model, rank=4)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert trainable == plan.lora_params(plan.read_model(toy_dirs["qwen2_vl"]), 4)
+    assert trainable == shapes.lora_params(shapes.read_model(toy_dirs["qwen2_vl"]), 4)
 
 
 @pytest.mark.parametrize("name", [*FAMILIES, *PUBLISHED])
 def test_every_config_gives_a_report(name, toy_dirs):
     model = str(toy_dirs[name]) if name in FAMILIES else name
-    result = plan.plan(plan.read_model(model), plan.read_stages(None, model), frame_counts=[8, 16])
+    result = plan.plan(shapes.read_model(model), plan.read_stages(None, model), frame_counts=[8, 16])
     stages = {r.stage for r in result.rows}
     assert {"train (lean step)", "train (naive step)", "reflect scoring", "evaluate scoring",
             "sample (vLLM)", "evaluate answers (vLLM)"} == stages
@@ -101,7 +101,7 @@ def test_video_tokens_equal_the_processors(family, toy_dirs, video):
     inputs = adapter.encode(processor, frames, adapter.build_prompt(processor, "What moves?"), None, meta=meta)
     placeholder = "<|video_pad|>" if family.startswith("qwen") else "<video>"
     counted = int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(placeholder)).sum())
-    tokens, patches = plan.video_tokens(plan.read_model(toy_dirs[family]), 16, width=128, height=96)
+    tokens, patches = shapes.video_tokens(shapes.read_model(toy_dirs[family]), 16, width=128, height=96)
     assert tokens == counted > 0
     if family.startswith("qwen"):
         assert patches == inputs["pixel_values_videos"].shape[0]
@@ -116,22 +116,22 @@ def test_qwen_tokens_follow_the_pixel_budget(frames, height, width, toy_dirs):
     clip = np.random.default_rng(0).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
     out = processor.video_processor(videos=[clip], return_tensors="pt", do_sample_frames=False)
     t, h, w = out["video_grid_thw"][0].tolist()
-    spec = plan.read_model(toy_dirs["qwen2_vl"])
-    assert plan.video_tokens(spec, frames, width, height) == (t * h * w // spec.merge**2, t * h * w)
+    spec = shapes.read_model(toy_dirs["qwen2_vl"])
+    assert shapes.video_tokens(spec, frames, width, height) == (t * h * w // spec.merge**2, t * h * w)
 
 
 def test_sequence_lengths_of_the_h100_setup():
     """docs/method.md section 7: 448x448 frames, 256-token responses (+ the end token), 66 text tokens."""
-    spec = plan.read_model("qwen2-vl-2b")
-    lengths = [plan.video_tokens(spec, f, 448, 448)[0] + 66 + 257 for f in (16, 32, 64)]
+    spec = shapes.read_model("qwen2-vl-2b")
+    lengths = [shapes.video_tokens(spec, f, 448, 448)[0] + 66 + 257 for f in (16, 32, 64)]
     assert lengths == [2371, 4419, 8515]
 
 
 def _h100(frames: int, lean: bool) -> float:
-    spec = plan.read_model("qwen2-vl-2b")
-    video, patches = plan.video_tokens(spec, frames, 448, 448)
-    step = plan.Step(pairs=1, tokens=video + 66 + 257, response=257, patches=patches, video_tokens=video, lean=lean)
-    return plan.train_memory(spec, plan.PURE_BF16_TORCH_ADAMW, step)["peak"] / GIB
+    spec = shapes.read_model("qwen2-vl-2b")
+    video, patches = shapes.video_tokens(spec, frames, 448, 448)
+    step = memory.Step(pairs=1, tokens=video + 66 + 257, response=257, patches=patches, video_tokens=video, lean=lean)
+    return memory.train_memory(spec, memory.PURE_BF16_TORCH_ADAMW, step)["peak"] / GIB
 
 
 # measured on one H100 (docs/method.md section 7): frames -> (naive, lean) peak GiB
@@ -152,7 +152,7 @@ BENCH_TOKENS = {8: (172, 65), 16: (236, 65), 32: (364, 66), 64: (621, 66)}
 
 
 @pytest.fixture(scope="module")
-def bench_spec(tmp_path_factory) -> plan.ModelSpec:
+def bench_spec(tmp_path_factory) -> shapes.ModelSpec:
     """bench/video_step_bench.py's model as config.json: Qwen2-VL, LLM 128 x 4 layers, vocabulary 8192, vision
     128 x 3 blocks, 112x112 frames."""
     folder = tmp_path_factory.mktemp("bench")
@@ -163,15 +163,15 @@ def bench_spec(tmp_path_factory) -> plan.ModelSpec:
                                                     "vision_config": vision}))
     (folder / "processor_config.json").write_text(json.dumps({"video_processor": {
         "size": {"shortest_edge": 28 * 28, "longest_edge": 112 * 112}}}))
-    return plan.read_model(folder)
+    return shapes.read_model(folder)
 
 
-def _bench_step(spec: plan.ModelSpec, frames: int, lean: bool) -> float:
+def _bench_step(spec: shapes.ModelSpec, frames: int, lean: bool) -> float:
     """MiB above the weights for the benchmark's batch (what its children measure)."""
-    video, patches = plan.video_tokens(spec, frames, 112, 112)
+    video, patches = shapes.video_tokens(spec, frames, 112, 112)
     tokens, response = BENCH_TOKENS[frames]
-    step = plan.Step(pairs=1, tokens=tokens, response=response, patches=patches, video_tokens=video, lean=lean)
-    out = plan.train_memory(spec, plan.FP32_TORCH_ADAMW, step)
+    step = memory.Step(pairs=1, tokens=tokens, response=response, patches=patches, video_tokens=video, lean=lean)
+    out = memory.train_memory(spec, memory.FP32_TORCH_ADAMW, step)
     return (out["peak"] - out["weights"]) / MIB
 
 
@@ -188,7 +188,7 @@ def test_toy_benchmark_growth_with_frames(bench_spec):
 
 
 def test_memory_moves_the_right_way():
-    spec, stages = plan.read_model("qwen2-vl-7b"), plan.read_stages(None, "m")
+    spec, stages = shapes.read_model("qwen2-vl-7b"), plan.read_stages(None, "m")
     trainer = plan._Trainer(spec, stages, (448, 448), 64, 257, gpus=8, zero="config")
     tokens = [trainer.tokens(f)[0] for f in (16, 32, 64)]
     naive = [trainer.memory(f, lean=False)["peak"] for f in (16, 32, 64)]
@@ -209,11 +209,11 @@ def test_memory_moves_the_right_way():
 
 def test_an_infeasible_setting_says_what_fits(tmp_path):
     """A 7B model fully trained on one 24 GiB GPU: ZeRO-3 over 8 GPUs or LoRA; the advice, applied, fits."""
-    result = plan.plan(plan.read_model("qwen2-vl-7b"), plan.read_stages(None, "m"), gpus=1, gpu_memory_gib=24,
+    result = plan.plan(shapes.read_model("qwen2-vl-7b"), plan.read_stages(None, "m"), gpus=1, gpu_memory_gib=24,
                        frame_counts=[16])
     row = next(r for r in result.rows if r.stage == "train (lean step)")
     assert not row.fits and "deepspeed: zero3 over >= 8 GPUs" in row.advice and "lora: true" in row.advice
-    applied = plan.plan(plan.read_model("qwen2-vl-7b"), _stages(tmp_path, train={"deepspeed": "zero3"}), gpus=8,
+    applied = plan.plan(shapes.read_model("qwen2-vl-7b"), _stages(tmp_path, train={"deepspeed": "zero3"}), gpus=8,
                         gpu_memory_gib=24, frame_counts=[16])
     assert next(r for r in applied.rows if r.stage == "train (lean step)").fits
 
@@ -221,7 +221,7 @@ def test_an_infeasible_setting_says_what_fits(tmp_path):
 def test_checkpointing_is_the_advice_when_it_suffices(tmp_path):
     stages = _stages(tmp_path, train={"gradient_checkpointing": False, "max_length": 16384, "prefix_sharing": False},
                      frames={"num_frames": 64})
-    result = plan.plan(plan.read_model("qwen2-vl-2b"), stages, gpus=1, gpu_memory_gib=80)
+    result = plan.plan(shapes.read_model("qwen2-vl-2b"), stages, gpus=1, gpu_memory_gib=80)
     row = next(r for r in result.rows if r.stage == "train (lean step)")
     assert not row.fits and row.advice.startswith("fits with gradient_checkpointing: true")
 
@@ -229,13 +229,13 @@ def test_checkpointing_is_the_advice_when_it_suffices(tmp_path):
 def test_prefix_sharing_reads_the_prompt_once():
     """Qwen2-VL-2B, 64 frames, 256-token responses, no checkpointing: one [prompt | chosen | rejected] row holds
     P + 2R tokens instead of 2 (P + R), so the stored activations shrink by (P + 2R) / 2 (P + R); logits do not."""
-    spec = plan.read_model("qwen2-vl-2b")
-    video, patches = plan.video_tokens(spec, 64, 448, 448)
+    spec = shapes.read_model("qwen2-vl-2b")
+    video, patches = shapes.video_tokens(spec, 64, 448, 448)
     prompt, response = video + 66, 257
-    setup = plan.training_setup(plan.TrainConfig(model="m", deepspeed="none"), gpus=1)
-    steps = {shared: plan.Step(pairs=1, tokens=prompt + response, response=response, patches=patches,
+    setup = memory.training_setup(TrainConfig(model="m", deepspeed="none"), gpus=1)
+    steps = {shared: memory.Step(pairs=1, tokens=prompt + response, response=response, patches=patches,
                                video_tokens=video, checkpointing=False, prefix_shared=shared) for shared in (0, 1)}
-    two_rows, one_row = (plan.train_memory(spec, setup, steps[s]) for s in (0, 1))
+    two_rows, one_row = (memory.train_memory(spec, setup, steps[s]) for s in (0, 1))
     assert one_row["logits"] == two_rows["logits"]
     ratio = one_row["activations"] / two_rows["activations"]
     assert ratio == pytest.approx((prompt + 2 * response) / (2 * (prompt + response)), rel=0.05)
@@ -244,7 +244,7 @@ def test_prefix_sharing_reads_the_prompt_once():
 
 def test_context_limits_are_reported():
     """32 frames of 448x448 are 4096 video tokens: over the default max_length and max_model_len (4096)."""
-    result = plan.plan(plan.read_model("qwen2-vl-2b"), plan.read_stages(None, "m"), frame_counts=[32])
+    result = plan.plan(shapes.read_model("qwen2-vl-2b"), plan.read_stages(None, "m"), frame_counts=[32])
     rows = {r.stage: r for r in result.rows}
     assert not rows["train (lean step)"].fits
     assert "raise max_length to >= 5185 or reduce num_frames to 30" in rows["train (lean step)"].advice
@@ -292,8 +292,8 @@ def test_inputs_the_plan_reads(toy_dirs):
     from types import SimpleNamespace
 
     folder = toy_dirs["qwen2_5_vl"]
-    assert plan.read_model(folder / "config.json").min_pixels == plan.read_model(folder).min_pixels == 28 * 28
-    spec = plan.read_model("qwen2-vl-2b")
+    assert shapes.read_model(folder / "config.json").min_pixels == shapes.read_model(folder).min_pixels == 28 * 28
+    spec = shapes.read_model("qwen2-vl-2b")
     wide = plan.plan(spec, plan.read_stages(None, "m"), frame_counts=[16], frame_size=(1280, 720))
     assert wide.frame_size == (448, 252) and wide.rows[0].video_tokens == 8 * 9 * 16
     assert plan._scoring_bf16(SimpleNamespace(precision="bf16-weights-fp32-softmax"))
@@ -301,8 +301,8 @@ def test_inputs_the_plan_reads(toy_dirs):
     assert default.scoring_precision == "auto" and plan._scoring_bf16(default)
     assert not plan._scoring_bf16(default.model_copy(update={"device": "cpu"}))
     assert not plan._scoring_bf16(default.model_copy(update={"scoring_precision": "fp32"}))
-    fp32, bf16 = (plan.scoring_memory(spec, 8, 3000, 1000, 8192, half)["weights"] for half in (False, True))
-    assert fp32 == 2 * bf16 == 4 * plan.param_counts(spec).total
+    fp32, bf16 = (memory.scoring_memory(spec, 8, 3000, 1000, 8192, half)["weights"] for half in (False, True))
+    assert fp32 == 2 * bf16 == 4 * shapes.param_counts(spec).total
 
 
 def test_plan_of_a_run_config_names_the_stages_that_would_not_fit():

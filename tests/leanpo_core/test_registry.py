@@ -26,7 +26,8 @@ from leanpo_core import io, schemas
 from leanpo_core.config import TrainConfig
 from leanpo_core.io import StorageError, StorageOptions
 from leanpo_core.layout import RunLayout
-from leanpo_core.registry import Registry, RegistryError, cli, replay
+from leanpo_core.registry import Registry, RegistryError, replay
+from leanpo_core.registry_cli import cli
 from tests.leanpo_core.test_io import sample_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -411,7 +412,7 @@ def test_leanpo_models_list_shows_the_lineage(tmp_path, capsys):
 
 
 def test_module_cli_refuses_bad_input_with_exit_65(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "leanpo_core.registry", "promote", "nope", "--reason", "x",
+    proc = subprocess.run([sys.executable, "-m", "leanpo_core.registry_cli", "promote", "nope", "--reason", "x",
                            "--registry", str(tmp_path / "registry")], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 65, proc.stderr
