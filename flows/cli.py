@@ -51,19 +51,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from leanpo_core.config import read_document
 from leanpo_core.launch import VERBOSE_ENV, child_environment
 
 FLOWS = {"data-refresh": ("flows.data_refresh", "data_refresh"), "train": ("flows.train", "train_flow"),
          "pipeline": ("flows.pipeline", "pipeline"), "export": ("flows.export", "export_flow")}
 DEFAULT_HOME = Path("runs") / ".prefect"
-
-
-def _cell(value, width: int = 60) -> str:
-    if isinstance(value, (bytes, bytearray)):
-        return f"<{len(value)} bytes>"
-    text = repr(value) if not isinstance(value, str) else value
-    text = text.replace("\n", "\\n")
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def inspect_table(uri: str, rows: int = 5) -> pa.Table:
@@ -84,7 +77,7 @@ def inspect_table(uri: str, rows: int = 5) -> pa.Table:
         record.add_column(style="cyan", no_wrap=True)
         record.add_column(overflow="fold")
         for name in table.column_names:
-            record.add_row(name, _cell(row[name], width=200))
+            record.add_row(name, str(io.preview(row[name], width=200)).replace("\n", "\\n"))
         console.print(record)
     return table
 
@@ -144,29 +137,6 @@ def load_flow(name: str):
 
     module, attribute = FLOWS[name]
     return getattr(importlib.import_module(module), attribute)
-
-
-def read_document(path: str | Path) -> dict:
-    """A YAML or JSON mapping from `path`; ConfigError names the file when it cannot be read or is not a mapping."""
-    from leanpo_core.config import ConfigError
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    try:
-        if path.suffix in {".yaml", ".yml"}:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except ValueError as exc:  # yaml.YAMLError and json.JSONDecodeError are both ValueErrors
-        raise ConfigError(f"config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must hold a mapping of the flow's parameters, not {type(data).__name__}")
-    return data
 
 
 def flow_parameters(flow_obj, data: dict, source: str) -> dict:

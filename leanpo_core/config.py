@@ -249,23 +249,32 @@ class ConfigError(BadInput):
     """A config file or value is invalid; the message names the file and field."""
 
 
-def load_config(path: str | Path, cls: type[C]) -> C:
-    """Read a YAML or JSON file into `cls`, raising ConfigError that names the file and the bad field."""
+def read_document(path: str | Path) -> dict:
+    """A YAML or JSON mapping from `path` (by its suffix; YAML otherwise, a superset of JSON); ConfigError names the
+    file when it cannot be read, parsed, or is not a mapping."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    if path.suffix in {".yaml", ".yml"}:
+    if path.suffix == ".json":
+        parse, errors, kind = json.loads, json.JSONDecodeError, "JSON"
+    else:
         import yaml
 
         parse, errors, kind = (lambda t: yaml.safe_load(t) or {}), yaml.YAMLError, "YAML"
-    else:
-        parse, errors, kind = json.loads, json.JSONDecodeError, "JSON"
     try:
         data = parse(text)
     except errors as exc:
         raise ConfigError(f"invalid config {path}: not valid {kind} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {path}: it must hold a mapping of fields, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, cls: type[C]) -> C:
+    """Read a YAML or JSON file into `cls`, raising ConfigError that names the file and the bad field."""
+    data = read_document(path)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:

@@ -397,3 +397,17 @@ def copy_folder(source: str, dest: str, options: StorageOptions | None = None) -
             src_fs.get(src_path.rstrip("/") + "/", dst_path, recursive=True)
         else:
             src_fs.copy(src_path.rstrip("/") + "/", dst_path, recursive=True)
+
+
+def preview(value, width: int = 200):
+    """A table cell for people (artifacts, `leanpo inspect`): bytes as their size, a long list as its first 8 items
+    and its length, a string cut at `width` characters; numbers, booleans and None as they are, anything else as
+    text."""
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, list) and len(value) > 8:
+        value = f"{value[:8]}… ({len(value)} items)"
+    if value is None or isinstance(value, (int, float, bool)):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"

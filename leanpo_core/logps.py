@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 Tensor = torch.Tensor
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of positions that are not scored (prompt, padding): transformers' convention
 
 
 def response_positions(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from leanpo_core.logps import IGNORE_INDEX
+
 # Keys `model.model(...)` does not take; every other key `encode` returns is a model input.
 _NOT_BACKBONE_INPUTS = ("labels",)
 # Per-token processor outputs and their value on response positions (None: the response ids themselves);

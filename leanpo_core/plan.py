@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from leanpo_core.config import (ConfigError, EvaluateConfig, FramesConfig, ReflectConfig, SampleConfig,
-                                TrainConfig)
+                                TrainConfig, read_document)
 from leanpo_core.decode import output_size
 from leanpo_core.memory import (GIB, VLLM_GPU_MEMORY_UTILIZATION, Step, scoring_memory, train_memory,
                                 training_setup, usable_bytes, vllm_memory)
@@ -55,20 +55,7 @@ class Stages:
 def read_stages(path: str | Path | None, model: str) -> Stages:
     """Stages from a YAML/JSON file with sections train/frames/sample/reflect/evaluate (others are ignored, as
     `manifest` or `root` of a pipeline config); `model` fills train.model and sample.model where absent."""
-    data: dict = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-        import yaml
-
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"invalid config {path}: not valid YAML/JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"invalid config {path}: expected a mapping of sections")
+    data = read_document(path) if path is not None else {}
     return stages_from(data, model, str(path))
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leanpo_core.toy import _COLOURS, _MOTIONS, _SHAPES
+from leanpo_core.toy import COLOUR_WORDS, MOTION_WORDS, SHAPE_WORDS
 
 HEIGHT, WIDTH, FPS, NUM_FRAMES = 72, 96, 10, 24
 CELL, RADIUS = 24, 8  # objects sit in a 4 x 3 grid of 24-px cells, so they never touch
@@ -33,7 +33,7 @@ PALETTE = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), 
 SHAPES = ("circle", "square", "triangle", "diamond")
 DIRECTIONS = ("left", "right", "up", "down")
 # The toy tokenizer is trained on toy's word lists; an answer word outside them would split into bytes.
-assert set(PALETTE) <= set(_COLOURS) and set(SHAPES) <= set(_SHAPES) and set(DIRECTIONS) <= set(_MOTIONS)
+assert set(PALETTE) <= set(COLOUR_WORDS) and set(SHAPES) <= set(SHAPE_WORDS) and set(DIRECTIONS) <= set(MOTION_WORDS)
 
 SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
 # The toy world's four disjoint splits (leanpo_core.toyworld): what the SFT model saw, the clips whose questions feed

@@ -32,6 +32,8 @@ _COLOURS = "red green blue yellow orange purple pink white black grey brown cyan
 _MOTIONS = ("left right up down upward downward across around forward backward toward away clockwise "
             "anticlockwise diagonally slowly quickly steadily bounces moves slides rotates spins falls rises "
             "stops starts turns grows shrinks appears disappears stays still static moving").split()
+# The tokenizer's shape, colour and motion words, public for the synthetic set (leanpo_core/synthetic.py).
+SHAPE_WORDS, COLOUR_WORDS, MOTION_WORDS = _SHAPES, _COLOURS, _MOTIONS
 _GENERAL = ("the a an is are was were it this that there what which who where when why how many much does do did "
             "video frame frames clip scene shape object objects colour color background foreground top bottom "
             "middle center corner edge side screen time second seconds first last next then after before during "

@@ -183,16 +183,6 @@ class _Poller:
             self.progress.update(1.0, force=True)
 
 
-def _cell(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray)):
-        return f"<{len(value)} bytes>"
-    if isinstance(value, list) and len(value) > 8:
-        return f"{value[:8]}… ({len(value)} items)"
-    if isinstance(value, str) and len(value) > 200:
-        return value[:199] + "…"
-    return value if value is None or isinstance(value, (int, float, bool, str)) else str(value)
-
-
 def link(uri: str) -> str:
     """A clickable link for a stored location (local paths become file:// URLs)."""
     return uri if "://" in uri else f"file://{Path(uri).resolve()}"
@@ -230,7 +220,7 @@ def publish_table(manifest: io.Manifest, spec: schemas.TableSpec, rows: int = 10
                                      f"{manifest.content_hash[:12]}. Open with `leanpo inspect {manifest.uri}`.")
     first = _first_rows(manifest.uri, spec, rows)
     if first:
-        create_table_artifact(key=f"{key}-sample", table=[{k: _cell(v) for k, v in r.items()} for r in first],
+        create_table_artifact(key=f"{key}-sample", table=[{k: io.preview(v) for k, v in r.items()} for r in first],
                               description=f"First {len(first)} of {manifest.rows} rows of `{manifest.uri}`")
 
 

@@ -10,7 +10,7 @@ import pytest
 from leanpo_core import synthetic
 from leanpo_core.config import FramesConfig
 from leanpo_core.decode import decode_video
-from leanpo_core.toy import _COLOURS, _MOTIONS, _SHAPES
+from leanpo_core.toy import COLOUR_WORDS, MOTION_WORDS, SHAPE_WORDS
 from leanpo_core.videos import read_videos
 
 
@@ -44,7 +44,7 @@ def test_splits_are_disjoint_by_clip(generated):
 
 def test_answers_use_the_toy_vocabulary(generated):
     _, rows = generated
-    vocabulary = set(_COLOURS) | set(_SHAPES) | set(_MOTIONS) | {str(n) for n in range(1, 5)}
+    vocabulary = set(COLOUR_WORDS) | set(SHAPE_WORDS) | set(MOTION_WORDS) | {str(n) for n in range(1, 5)}
     assert {row["answer"] for row in rows} <= vocabulary
 
 
