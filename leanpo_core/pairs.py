@@ -18,13 +18,12 @@ frames the trainer uses (the frames shard `frames_uri`, `*_frame_indices`), whic
 
 from __future__ import annotations
 
-import argparse
 import collections
 from typing import Any
 
-from leanpo_core import io, prompts, schemas
-from leanpo_core.config import PairsConfig, load_config
-from leanpo_core.layout import add_table_arguments, table_arguments
+from leanpo_core import io, prompts, schemas, stagecli
+from leanpo_core.config import PairsConfig
+from leanpo_core.layout import table_arguments
 from leanpo_core.frames import FrameStore
 
 Side = dict | str | None  # a side of a pair: a scored candidate, a ground-truth text, or no candidate
@@ -124,20 +123,19 @@ def run_pairs(videos_uri: str, frames_uri: str, scored_uri: str, pairs_uri: str,
 
 
 def main(argv: list[str] | None = None) -> io.Manifest:
-    """CLI: build a run's pairs (paths from --root, each overridable) and print kept/dropped counts."""
-    parser = argparse.ArgumentParser(prog="python -m leanpo_core.pairs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML/JSON file of PairsConfig fields (default: all defaults)")
+    """CLI: build a run's pairs (tables from --root, each overridable; leanpo_core/stagecli.py) and print kept/dropped
+    counts."""
     tables = ("videos", "frames", "scored", "pairs")
-    add_table_arguments(parser, "pairs", tables)
+    parser = stagecli.stage_parser("pairs", __doc__, tables, PairsConfig)
     args = parser.parse_args(argv)
     uris = table_arguments(parser, args, "pairs", tables)
-    config = load_config(args.config, PairsConfig) if args.config else PairsConfig()
+    config = stagecli.stage_config(args, PairsConfig, "pairs")
     manifest = run_pairs(uris["videos"], uris["frames"], uris["scored"], uris["pairs"], config)
     table = io.read_table(manifest.uri, schemas.PAIRS)
     reasons = collections.Counter(r or "kept" for r in table.column("drop_reason").to_pylist())
-    print(f"{manifest.rows} pairs written to {manifest.uri}: " + ", ".join(f"{k} {v}" for k, v in
-                                                                          sorted(reasons.items())))
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+    stagecli.report(args, [f"pairs: {manifest.rows} rows ({counts}) -> {manifest.uri}"],
+                    {"pairs": {**manifest.to_dict(), "reasons": dict(reasons)}})
     return manifest
 
 

@@ -21,15 +21,14 @@ run's config hash. Candidates that cannot be scored (unknown id, missing frames)
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import re
 import string
 
-from leanpo_core import frames, io, models, prompts, schemas, scoring, sharding
-from leanpo_core.config import ReflectConfig, load_config
-from leanpo_core.layout import add_table_arguments, table_arguments
+from leanpo_core import frames, io, models, prompts, schemas, scoring, sharding, stagecli
+from leanpo_core.config import ReflectConfig
+from leanpo_core.layout import table_arguments
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -215,19 +214,24 @@ def free_memory() -> None:
 
 def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: str, failures_uri: str,
                 config: ReflectConfig, sample_model: str, options: io.StorageOptions | None = None, *,
-                progress: bool = False) -> list[io.Manifest]:
+                shards: list[int] | None = None, progress: bool = False) -> list[io.Manifest]:
     """Score every candidate of the samples dataset into the scored dataset, shard by shard; one manifest per shard.
 
     sample_model: the model that generated the samples; it judges them, and scores likelihood unless
     `config.sft_model` names another. Shards already scored under the same config hash are skipped, and their
-    stored manifests returned as they are.
+    stored manifests returned as they are. `shards` limits the run to those samples shard indices (a Dask cluster
+    runs one scoring task per shard: tasks/data.py); disjoint subsets can run at the same time.
     """
     from rich.progress import Progress
 
     run_hash = stage_hash(config, sample_model)
-    shards = io.shard_uris(samples_uri, options)
-    if not shards:
+    found = io.shard_uris(samples_uri, options)
+    if not found:
         raise FileNotFoundError(f"no samples shards ({io.SHARD_PREFIX}*.parquet) under {samples_uri}")
+    unknown = sorted(set(shards or ()) - set(found))
+    if unknown:
+        raise ValueError(f"samples shard(s) {unknown} do not exist under {samples_uri}")
+    shards = found if shards is None else {i: found[i] for i in sorted(set(shards))}
     pending = {i: uri for i, uri in shards.items()
                if not _shard_done(io.shard_uri(scored_uri, i), run_hash, options)}
     manifests = {i: io.read_manifest(io.shard_uri(scored_uri, i), options) for i in shards if i not in pending}
@@ -277,19 +281,20 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
 
 
 def main(argv: list[str] | None = None) -> list[io.Manifest]:
-    """CLI: score a run's samples (paths from --root, each overridable)."""
-    parser = argparse.ArgumentParser(prog="python -m leanpo_core.reflect", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML/JSON file of ReflectConfig fields (default: all defaults)")
-    parser.add_argument("--model", required=True, help="the sampling model (judges; scores unless sft_model is set)")
+    """CLI: score a run's samples (tables from --root, each overridable; leanpo_core/stagecli.py)."""
     tables = ("videos", "frames", "samples", "scored", "failures")
-    add_table_arguments(parser, "reflect", tables)
+    parser = stagecli.stage_parser("reflect", __doc__, tables, ReflectConfig)
+    parser.add_argument("--model", required=True, help="the sampling model (judges; scores unless sft_model is set)")
+    parser.add_argument("--shards", help="comma-separated samples shard indices to score (default: all)")
     args = parser.parse_args(argv)
     uris = table_arguments(parser, args, "reflect", tables)
-    config = load_config(args.config, ReflectConfig) if args.config else ReflectConfig()
+    config = stagecli.stage_config(args, ReflectConfig, "reflect")
     manifests = run_reflect(uris["videos"], uris["frames"], uris["samples"], uris["scored"], uris["failures"],
-                            config, args.model, progress=True)
-    print(f"scored {sum(m.rows for m in manifests)} candidates in {len(manifests)} shard(s) under {uris['scored']}")
+                            config, args.model, progress=stagecli.show_progress(args),
+                            shards=[int(s) for s in args.shards.split(",")] if args.shards else None)
+    rows = sum(m.rows for m in manifests)
+    stagecli.report(args, [f"scored: {rows} candidates in {len(manifests)} shard(s) -> {uris['scored']}"],
+                    {"scored": {"uri": uris["scored"], "rows": rows, "shards": [m.to_dict() for m in manifests]}})
     return manifests
 
 

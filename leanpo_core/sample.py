@@ -21,31 +21,30 @@ reflection requests in a second. A shard whose manifest exists and whose rows ca
 row (stage "sample") and the shard goes on; its failures are written before its samples, whose manifest marks the
 shard done.
 
-    python -m leanpo_core.sample --config sample.yaml --videos /data/run1/videos.parquet \
-        --frames /data/run1/frames --out /data/run1/samples --failures /data/run1/failures/sample
+    python -m leanpo_core.sample --config sample.yaml --root /data/run1     # tables at the run layout's paths
+    python -m leanpo_core.sample --set model=/models/sft --videos /data/run1/videos.parquet \
+        --frames /data/run1/frames --samples /data/run1/samples --failures /data/run1/failures/sample
     # one engine over 4 GPUs (tensor parallel): put `tensor_parallel_size: 4` in sample.yaml, or
-    python -m leanpo_core.sample --config sample.yaml ... --tensor-parallel-size 4
+    python -m leanpo_core.sample --config sample.yaml --root /data/run1 --set tensor_parallel_size=4
     # data parallel, one process per GPU, disjoint shards (rerun-safe):
-    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python -m leanpo_core.sample --config sample.yaml ... \
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python -m leanpo_core.sample --config sample.yaml --root R \
         --worker $i/4 & done; wait
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from leanpo_core import augment, frames, io, prompts, schemas, sharding
-from leanpo_core.config import ConfigError, SampleConfig, load_config
-from leanpo_core.layout import add_table_arguments, table_arguments
+from leanpo_core import augment, frames, io, prompts, schemas, sharding, stagecli
+from leanpo_core.config import SampleConfig
+from leanpo_core.layout import table_arguments
 from leanpo_core.engine import Completion, Engine, Request, open_engine
 
 STAGE = "sample"
@@ -259,34 +258,23 @@ def _sample_shards(engine: Engine, todo: dict[int, list[dict]], store: frames.Fr
 
 
 def main(argv: list[str] | None = None) -> SampleResult:
-    parser = argparse.ArgumentParser(prog="python -m leanpo_core.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML or JSON file with SampleConfig fields")
+    """CLI: sample a run's questions (tables from --root, each overridable; leanpo_core/stagecli.py)."""
     tables = ("videos", "frames", "samples", "failures")
-    add_table_arguments(parser, "sample", tables)
-    parser.add_argument("--out", dest="samples", help=argparse.SUPPRESS)  # the flag's earlier name
-    parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], help="override the config's backend")
-    parser.add_argument("--tensor-parallel-size", type=int, help="override the config's tensor_parallel_size")
+    parser = stagecli.stage_parser("sample", __doc__, tables, SampleConfig)
     parser.add_argument("--worker", default="0/1", help="I/N: do shards with index %% N == I (default 0/1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, SampleConfig)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    if args.backend:
-        config.backend = args.backend
-    if args.tensor_parallel_size:
-        config.tensor_parallel_size = args.tensor_parallel_size
     index, _, workers = args.worker.partition("/")
-    if not (index.isdigit() and workers.isdigit()):
-        parser.error(f"--worker must look like I/N (e.g. 0/4), got {args.worker!r}")
+    if not (index.isdigit() and workers.isdigit() and int(index) < int(workers)):
+        parser.error(f"--worker must look like I/N with I < N (e.g. 0/4), got {args.worker!r}")
     uris = table_arguments(parser, args, "sample", tables)
-    result = run_sample(uris["videos"], uris["frames"], uris["samples"], uris["failures"], config, worker=(int(index), int(workers)),
-                        progress=not args.no_progress and sys.stderr.isatty())
+    config = stagecli.stage_config(args, SampleConfig, "sample")
+    result = run_sample(uris["videos"], uris["frames"], uris["samples"], uris["failures"], config,
+                        worker=(int(index), int(workers)), progress=stagecli.show_progress(args))
     summary = {k: v for k, v in vars(result).items() if k not in ("manifests", "failure_manifests")}
     summary["content_hashes"] = [m.content_hash for m in result.manifests]
-    print(json.dumps(summary))
+    stagecli.report(args, [f"samples: {result.rows} rows written, {result.skipped} of {result.shards} shard(s) "
+                           f"already done -> {result.samples_uri}",
+                           f"failures: {result.failures} rows written -> {result.failures_uri}"], summary)
     return result
 
 

@@ -51,9 +51,9 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from leanpo_core import features as features_mod
-from leanpo_core import io, logps, loss, models, prefix, schemas
-from leanpo_core.config import TrainConfig, load_config
-from leanpo_core.layout import RunLayout, add_table_arguments, table_arguments
+from leanpo_core import io, logps, loss, models, prefix, schemas, stagecli
+from leanpo_core.config import TrainConfig
+from leanpo_core.layout import RunLayout, table_arguments
 from leanpo_core.pairdata import SIDE_INFO, PairCollator, PairsDataset
 
 DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
@@ -423,24 +423,23 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    """CLI: train on a pairs table and its frames (locations from --root, each overridable)."""
-    parser = argparse.ArgumentParser(prog="python -m leanpo_core.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML/JSON file of TrainConfig fields")
-    add_table_arguments(parser, "train", ("pairs", "frames"))
+    """CLI: train on a pairs table and its frames (tables from --root, each overridable; leanpo_core/stagecli.py)."""
+    parser = stagecli.stage_parser("train", __doc__, ("pairs", "frames"), TrainConfig)
     parser.add_argument("--out", help="LOCAL output folder (checkpoints, metrics, model); default: the run "
                         "layout's train/<run id> under a local --root")
     parser.add_argument("--run-id", help="run id in the metrics table (default: the config's hash)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
     uris = table_arguments(parser, args, "train", ("pairs", "frames"))
-    config = load_config(args.config, TrainConfig)
+    config = stagecli.stage_config(args, TrainConfig, "train")
     run_id = args.run_id or config.config_hash()
     out = args.out or (RunLayout(args.root).train(run_id) if args.root and "://" not in args.root else None)
     if not out:
         parser.error("give --out (a local folder) unless --root is a local folder")
     result = train(config, uris["pairs"], uris["frames"], out, run_id=run_id)
-    print(f"trained {result.steps} step(s), final loss {result.final_loss:.4f}; model at {result.model_dir}")
+    stagecli.report(args, [f"trained {result.steps} step(s), final loss {result.final_loss:.4f}",
+                           f"model: {result.model_dir}"],
+                    {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "model"})
     return result
 
 

@@ -48,7 +48,7 @@ def test_four_stages_on_s3_with_synthetic_and_real_clips(tmp_path, s3_root, s3_s
     config.write_text(SampleConfig(model=model, num_candidates=2, max_new_tokens=12, max_model_len=1024,
                                    shard_size=4).model_dump_json())
     stage("leanpo_core.sample", "--config", str(config), "--videos", layout.videos, "--frames", layout.frames,
-          "--out", layout.samples, "--failures", layout.failures("sample"), "--no-progress")
+          "--samples", layout.samples, "--failures", layout.failures("sample"), "--no-progress")
     reflect_config = tmp_path / "reflect.json"
     reflect_config.write_text(ReflectConfig(judge_max_tokens=4).model_dump_json())
     stage("leanpo_core.reflect", "--config", str(reflect_config), "--model", model, "--root", s3_root)

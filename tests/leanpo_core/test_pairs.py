@@ -124,7 +124,7 @@ def test_run_pairs_is_deterministic_and_sorted(tmp_path, video, capsys):
     assert table[0]["frames_uri"] == io.shard_uri(layout.frames, 0)
     assert table[0]["chosen_frame_indices"] == clips(video)["vk-a"][1]
     assert pairs.main(["--root", layout.root]).content_hash == first.content_hash
-    assert "3 pairs written" in capsys.readouterr().out
+    assert "pairs: 3 rows (kept 1, no_lose_candidate 1, untrustworthy 1)" in capsys.readouterr().out
 
 
 def test_k1_reproduces_the_papers_pair_construction_on_s3(s3_root, toy_dirs, video, loaded):

@@ -251,7 +251,7 @@ def test_real_engine_judge_in_a_subprocess(tmp_path, toy_dirs, video):
                            "--root", layout.root, "--model", str(toy_dirs["qwen2_vl"])],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "scored 4 candidates in 1 shard(s)" in proc.stdout
+    assert "scored: 4 candidates in 1 shard(s)" in proc.stdout
     rows = io.read_dataset(layout.scored, schemas.SCORED).to_pylist()
     assert len(rows) == 4
     for row in rows:

@@ -189,7 +189,8 @@ def test_vllm_cli_on_s3_resumes_and_reproduces(s3_root, tmp_path, video, toy_dir
 
     def cli() -> dict:
         cmd = [sys.executable, "-m", "leanpo_core.sample", "--config", str(tmp_path / "sample.json"),
-               "--videos", videos, "--frames", frames, "--out", out, "--failures", out + "-failures", "--no-progress"]
+               "--videos", videos, "--frames", frames, "--samples", out, "--failures", out + "-failures",
+               "--no-progress", "--json"]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
         assert proc.returncode == 0, proc.stderr[-4000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
