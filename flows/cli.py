@@ -28,7 +28,8 @@ stopping it pauses their schedules), with parameters from prefect.yaml's environ
 `prefect deploy --all` sends runs to a work pool, and a `prefect worker` on the GPU host executes them, which is how
 several machines share the work.
 
-The console shows one line per stage (rows written, time) plus Prefect's task states; what the stage processes
+The console shows one line per stage (rows written, time) plus Prefect's task states, and in a terminal a progress
+bar under them while sampling or training runs (plain lines in a pipe or a log file); what the stage processes
 print (vLLM, transformers, DeepSpeed ranks) goes to the task run's log in the Prefect UI and to the log file
 (`leanpo demo`: <workdir>/leanpo.log; `--log-file` for the others). `--verbose` puts it all on the console too and
 lets transformers' progress bars and vLLM's INFO lines through (LEANPO_VERBOSE=1 does the same).

@@ -138,21 +138,76 @@ def gpu_slot() -> Iterator[None]:
         yield
 
 
+def prefect_console():
+    """The rich Console through which Prefect's console handler prints log lines, or None (no such handler)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger("prefect"), logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                return handler.console
+    return None
+
+
+class TerminalBar:
+    """A progress bar on the terminal, drawn by rich on the console Prefect prints its log lines through, so the
+    lines scroll above the bar instead of through it. Nothing is drawn when that console is not a terminal (a pipe,
+    a log file, CI) or with LEANPO_VERBOSE=1 (then the stage's own lines are the progress); the bar goes away when
+    it reaches 100 % or is closed."""
+
+    def __init__(self, description: str, console=None):
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        console = console if console is not None else prefect_console()
+        self.progress = None
+        if console is None or not console.is_terminal or verbose():
+            return
+        from rich.default_styles import DEFAULT_STYLES
+        from rich.theme import Theme
+
+        # Prefect's console has a theme of its own without rich's progress styles: lend them while the bar shows.
+        console.push_theme(Theme({k: v for k, v in DEFAULT_STYLES.items() if k.startswith(("bar.", "progress."))}))
+        self.console = console
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+        self.task = self.progress.add_task(description, total=100.0)
+        self.progress.start()
+
+    def update(self, percent: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=percent)
+            if percent >= 100.0:
+                self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+            self.console.pop_theme()
+
+
 class Progress:
-    """A progress artifact of the running task (0-100 %), updated from any thread, at most every `every_s`."""
+    """A progress artifact of the running task (0-100 %), updated from any thread, at most every `every_s` (the
+    artifact; the terminal bar, when there is one, follows every update)."""
 
     def __init__(self, key: str, description: str, every_s: float = 2.0):
         self.id = create_progress_artifact(0.0, key=key, description=description)
         self.every_s, self.percent, self.last = every_s, 0.0, 0.0
         self._lock = threading.Lock()
+        self.bar = TerminalBar(key)
 
     def update(self, fraction: float, force: bool = False) -> None:
         percent = round(100.0 * min(max(fraction, 0.0), 1.0), 1)
+        self.bar.update(percent)
         with self._lock:
             if percent == self.percent or (not force and time.monotonic() - self.last < self.every_s):
                 return
             self.percent, self.last = percent, time.monotonic()
         update_progress_artifact(self.id, percent)
+
+    def close(self) -> None:
+        """Take the terminal bar away (a stage that failed before 100 %)."""
+        self.bar.close()
 
     def poll(self, measure: Callable[[], float], every_s: float = 2.0) -> "_Poller":
         """A context manager that calls `measure()` (a fraction done) every `every_s` in a thread, 100 % at exit."""
@@ -181,6 +236,7 @@ class _Poller:
         self.thread.join()
         if kind is None:
             self.progress.update(1.0, force=True)
+        self.progress.close()
 
 
 def link(uri: str) -> str:

@@ -77,8 +77,11 @@ def train(config: TrainConfig, pairs: dict, frames: dict, output_dir: str, run_i
                 "--out", output_dir, "--run-id", run_id]
         command = _command(args, nproc_per_node, launcher)
         logger.info(f"launching: {' '.join(command)}")
-        with gpu_slot():
-            launch.run(command, timeout_s=config.wall_clock_limit_s, log=log)
+        try:
+            with gpu_slot():
+                launch.run(command, timeout_s=config.wall_clock_limit_s, log=log)
+        finally:
+            progress.close()  # the terminal bar of a failed run goes; the artifact keeps its last value
     progress.update(1.0, force=True)
     metrics = io.read_manifest(io.join_uri(output_dir, "metrics.parquet"))
     publish_table(metrics, schemas.TRAIN_METRICS)
