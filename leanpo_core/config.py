@@ -196,7 +196,8 @@ class TrainConfig(StageConfig):
 
 
 class EvaluateConfig(StageConfig):
-    """Evaluation: preference accuracy, answer accuracy, held-out likelihood change."""
+    """Evaluation: preference accuracy, answer accuracy, held-out likelihood change, and optionally a standard
+    benchmark's accuracy."""
 
     backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="Generation engine for answers.")
     split: str = Field("test", min_length=1, description="Videos-table split whose questions are answered and "
@@ -213,12 +214,26 @@ class EvaluateConfig(StageConfig):
         "sums in fp32; auto: bf16 on a CUDA GPU with native bf16, fp32 elsewhere (docs/operations.md, Scoring "
         "precision).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Generation seed.")
+    benchmark: str = Field("", description="A standard benchmark to answer too: the folder or s3:// prefix of a "
+                           "local copy in its published layout (`benchmark_layout`); its accuracy, overall and per "
+                           "category, joins the table (leanpo_core/benchmarks.py). Empty: none.")
+    benchmark_layout: Literal["videomme", "mvbench", "nextqa"] | None = Field(
+        None, description="The layout of `benchmark`: videomme (Video-MME), mvbench (MVBench), nextqa (NExT-QA "
+        "multiple choice).")
+    benchmark_num_frames: int = Field(16, ge=1, le=1024, description="Frames per benchmark video, uniform over the "
+                                      "whole video.")
+    benchmark_max_questions: int = Field(0, ge=0, description="Cap on benchmark questions, evenly spaced over the "
+                                         "benchmark's files so every category keeps its share (0: all).")
+    benchmark_frames: str = Field("", description="Where the benchmark's decoded frames are kept and reused (folder "
+                                  "or s3:// prefix); empty: beside the evaluation table, in `benchmarks/`.")
 
     @model_validator(mode="after")
     def _room_for_prompt(self) -> "EvaluateConfig":
         if self.max_new_tokens >= self.max_model_len:
             raise ValueError(f"max_model_len ({self.max_model_len}) must exceed max_new_tokens "
                              f"({self.max_new_tokens})")
+        if self.benchmark and self.benchmark_layout is None:
+            raise ValueError("benchmark_layout must name the layout of benchmark (videomme, mvbench or nextqa)")
         return self
 
 

@@ -16,6 +16,16 @@ For a trained `model` (and, optionally, a `baseline` such as the SFT model it st
                        a paired bootstrap and, in `details`, the exact McNemar p-value (`leanpo_core.stats`).
 Accuracies carry a 95% Wilson interval in `ci_low`/`ci_high`. Every answer, right or wrong, is a row of the ANSWERS
 table next to the evaluation table (`<name>.answers.parquet`), so a reader can see what each model said.
+With `EvaluateConfig.benchmark` (a local or S3 copy of Video-MME, MVBench or NExT-QA in its published layout,
+`leanpo_core.benchmarks`), both models also answer the benchmark's questions, asked and read as the benchmark does,
+from frames the frames stage decodes once into `benchmark_frames` and through the same engine:
+  <benchmark>_accuracy                 share of its questions answered right (a malformed reply is wrong), split
+                                       = the benchmark's name; details: malformed, questions left out and why, mean
+                                       frames, prompt tokens and reply tokens per question;
+  <benchmark>_accuracy/<axis>=<value>  the same per category (Video-MME: duration, domain, task_type; MVBench:
+                                       task; NExT-QA: type and its group);
+  <benchmark>_accuracy_change          (with a baseline) model minus baseline, paired as answer_accuracy_change.
+Each benchmark reply, its extracted letter and its cost are rows of `<name>.benchmark.parquet` (BENCHMARK_ANSWERS).
 rbar is the mean token log-prob of a response given the clean frames and the plain question, end-of-reply token
 included, computed on the lean path (`logps.model_response_logps`, response-only logits, log-softmax in fp32;
 weights in `EvaluateConfig.scoring_precision`) exactly as the reflect stage and the trainer score. The baseline is
@@ -24,7 +34,7 @@ evaluated on every metric too, so the report compares the two.
 Writes the EVALUATION table (one row per model and metric; `n` is the number of items behind the value, `details`
 a small JSON object) and a markdown report next to it (`<out minus .parquet>.md`). All likelihood scoring runs
 before any engine opens: vLLM on CPU pins the process's OpenMP threads. Held-out sets are small: their frames are
-held in memory together.
+held in memory together (a benchmark's, 256 questions at a time).
 
     python -m leanpo_core.evaluate --model runs/r1/train/leanpo/final --baseline /tmp/toy-qwen2vl --root runs/r1
     python -m leanpo_core.evaluate --model M --root s3://bucket/r1 --config eval.yaml --run-id leanpo-vs-sft \\
@@ -33,17 +43,17 @@ held in memory together.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import posixpath
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from leanpo_core import frames, io, prompts, reflect, schemas, scoring, stats, synthetic
-from leanpo_core.config import EvaluateConfig, load_config
-from leanpo_core.layout import RunLayout
+from leanpo_core import benchmarks, frames, io, prompts, reflect, schemas, scoring, stagecli, stats, synthetic
+from leanpo_core.config import EvaluateConfig
+from leanpo_core.layout import RunLayout, table_arguments
 
 MATCH_RULE = ("normalised response == normalised answer, or the normalised answer's tokens appear as a contiguous "
               "whole-word phrase in the normalised response (SQuAD normalisation)")
@@ -138,19 +148,34 @@ def score(model_dir: str, items: list[dict], config: EvaluateConfig) -> list[flo
         reflect.free_memory()
 
 
-def generate_answers(model_dir: str, items: list[dict], config: EvaluateConfig) -> list[str]:
-    """Greedy answers of `model_dir` to each item's plain question, through the generation engine."""
-    from leanpo_core.engine import Request, open_engine
+def _answer(engine, items: list[dict], config: EvaluateConfig, max_tokens: int) -> list:
+    """One greedy completion (`engine.Completion`) per item's plain question."""
+    from leanpo_core.engine import Request
 
-    if not items:
-        return []
+    requests = [Request(prompt=engine.adapter.build_prompt(engine.processor, prompts.plain_prompt(it["question"])),
+                        frames=it["frames"], meta=it["meta"], n=1, temperature=0.0, top_p=1.0,
+                        max_tokens=max_tokens, seed=config.seed) for it in items]
+    return [completions[0] for completions in engine.generate(requests)]
+
+
+def generate_answers(model_dir: str, items: list[dict], config: EvaluateConfig,
+                     benchmark: benchmarks.Prepared | None = None) -> tuple[list[str], list]:
+    """Greedy answers of `model_dir`, through one generation engine: (the text of each item's answer to its plain
+    question; the completion of each of the benchmark's questions, asked chunk by chunk with the benchmark's own
+    generation length)."""
+    from leanpo_core.engine import open_engine
+
+    asked = benchmark is not None and bool(benchmark.questions)
+    if not items and not asked:
+        return [], []
+    bench_tokens = (benchmark.layout.max_new_tokens or config.max_new_tokens) if asked else 0
     engine = open_engine(model_dir, backend=config.backend, seed=config.seed, max_model_len=config.max_model_len,
-                         max_tokens_hint=config.max_new_tokens)
+                         max_tokens_hint=max(config.max_new_tokens, bench_tokens))
     try:
-        requests = [Request(prompt=engine.adapter.build_prompt(engine.processor, prompts.plain_prompt(it["question"])),
-                            frames=it["frames"], meta=it["meta"], n=1, temperature=0.0, top_p=1.0,
-                            max_tokens=config.max_new_tokens, seed=config.seed) for it in items]
-        return [completions[0].text for completions in engine.generate(requests)]
+        texts = [c.text for c in _answer(engine, items, config, config.max_new_tokens)] if items else []
+        replies = [c for chunk in benchmark.items() for c in _answer(engine, chunk, config, bench_tokens)] \
+            if asked else []
+        return texts, replies
     finally:
         engine.close()
 
@@ -199,16 +224,42 @@ def answer_rows(run_id: str, model: str, split: str, records: list[dict], counts
 
 
 def change_row(run_id: str, model: str, baseline: str, split: str, model_records: list[dict],
-               baseline_records: list[dict]) -> dict:
-    """answer_accuracy_change: model minus baseline on the same exact-answer questions, with its paired-bootstrap
-    95% interval; details hold the exact McNemar p-value and how many questions each model alone got right."""
+               baseline_records: list[dict], metric: str = "answer_accuracy_change") -> dict:
+    """answer_accuracy_change (or `metric`): model minus baseline on the same exact-answer questions, with its
+    paired-bootstrap 95% interval; details hold the exact McNemar p-value and how many questions each model alone
+    got right."""
     right = {r["id"]: r["correct"] for r in baseline_records if r["correct"] is not None}
     pairs = [(right[r["id"]], r["correct"]) for r in model_records if r["id"] in right]
     result = stats.paired_difference([float(b) for b, _ in pairs], [float(a) for _, a in pairs])
-    return {**_row(run_id, model, split, "answer_accuracy_change", result["delta"], result["n"], baseline=baseline,
+    return {**_row(run_id, model, split, metric, result["delta"], result["n"], baseline=baseline,
                    p_value=result["p_value"], gained=result["gained"], lost=result["lost"],
                    interval="paired bootstrap, 10000 resamples of the questions"),
             "ci_low": result["ci_low"], "ci_high": result["ci_high"]}
+
+
+def benchmark_records(run_id: str, model: str, bench: benchmarks.Prepared, completions: list) -> list[dict]:
+    """BENCHMARK_ANSWERS rows: each benchmark question's reply, the letter read from it, and what it cost."""
+    name = bench.layout.name
+    scored = benchmarks.score(name, bench.questions, [c.text for c in completions])
+    return [{"run_id": run_id, "model": model, "benchmark": name, **r, "categories": json.dumps(r["categories"]),
+             "frames": bench.frames_of(q), "prompt_tokens": len(c.prompt_token_ids), "reply_tokens": c.num_tokens}
+            for r, q, c in zip(scored, bench.questions, completions, strict=True)]
+
+
+def benchmark_rows(run_id: str, model: str, bench: benchmarks.Prepared, records: list[dict]) -> list[dict]:
+    """<benchmark>_accuracy overall (details: the rule, malformed replies, questions left out, cost per question)
+    and per category, each with n and its Wilson interval."""
+    name = bench.layout.name
+    cost = {f"{k}_per_question": _mean([r[k] for r in records]) for k in ("frames", "prompt_tokens", "reply_tokens")}
+    rows = []
+    for key, s in benchmarks.summarize(name, [{**r, "categories": json.loads(r["categories"])}
+                                              for r in records]).items():
+        metric = f"{name}_accuracy" if key == "all" else f"{name}_accuracy/{key}"
+        extra = dict(benchmark=bench.root, rule=bench.layout.rule, malformed=sum(r["extracted"] is None
+                     for r in records), **bench.counts, **cost) if key == "all" else {}
+        rows.append({**_row(run_id, model, name, metric, s["value"], s["n"], **extra),
+                     "ci_low": s["ci_low"], "ci_high": s["ci_high"]})
+    return rows
 
 
 def _split_label(pair_items: list[dict], videos_uri: str, options: io.StorageOptions | None) -> str:
@@ -227,22 +278,31 @@ def run_evaluate(model: str, videos_uri: str, frames_uri: str, pairs_uri: str | 
     pairs_uri: a pairs table of held-out questions (None: no preference metrics). Returns the table's manifest.
     """
     store = frames.FrameStore(frames_uri, options)
+    bench = None
+    if config.benchmark:
+        bench = benchmarks.prepare(config.benchmark, config.benchmark_layout, config.benchmark_num_frames,
+                                   config.benchmark_max_questions,
+                                   config.benchmark_frames or io.join_uri(posixpath.dirname(out_uri), "benchmarks"),
+                                   options)
     pair_items, pair_counts = heldout_pairs(pairs_uri, store, options) if pairs_uri else ([], {})
     questions, question_counts = heldout_questions(videos_uri, store, config, options)
     pair_split = _split_label(pair_items, videos_uri, options) if pairs_uri else ""
     models_ = [model] + ([baseline_model] if baseline_model else [])
     # Likelihoods first for every model, generation after: see the module docstring.
     rbars = {m: (score(m, pair_items, config), score(m, questions, config)) for m in models_}
-    rows, records = [], {}
+    rows, records, bench_records = [], {}, {}
     for m in models_:
         pair_rbar, answer_rbar = rbars[m]
         if pairs_uri:
             rows += preference_rows(run_id, m, pair_split, pair_rbar, pair_counts)
-        records[m] = answer_records(run_id, m, config.split, questions, generate_answers(m, questions, config),
-                                    answer_rbar)
+        responses, replies = generate_answers(m, questions, config, bench)
+        records[m] = answer_records(run_id, m, config.split, questions, responses, answer_rbar)
         rows += answer_rows(run_id, m, config.split, records[m], question_counts)
         rows.append(_row(run_id, m, config.split, "answer_logp", _mean(answer_rbar), len(answer_rbar),
                          **question_counts))
+        if bench is not None:
+            bench_records[m] = benchmark_records(run_id, m, bench, replies)
+            rows += benchmark_rows(run_id, m, bench, bench_records[m])
     if baseline_model:
         if any(r["correct"] is not None for r in records[model]):
             rows.append(change_row(run_id, model, baseline_model, config.split, records[model],
@@ -250,6 +310,13 @@ def run_evaluate(model: str, videos_uri: str, frames_uri: str, pairs_uri: str | 
         change = [a - b for a, b in zip(rbars[model][1], rbars[baseline_model][1])]
         rows.append(_row(run_id, model, config.split, "answer_logp_change", _mean(change), len(change),
                          baseline=baseline_model, **question_counts))
+        if bench is not None:
+            name = bench.layout.name
+            rows.append(change_row(run_id, model, baseline_model, name, bench_records[model],
+                                   bench_records[baseline_model], f"{name}_accuracy_change"))
+    if bench is not None:
+        io.write_table([r for m in models_ for r in bench_records[m]], benchmark_answers_uri(out_uri),
+                       schemas.BENCHMARK_ANSWERS, options)
     io.write_table([r for m in models_ for r in records[m]], answers_uri(out_uri), schemas.ANSWERS, options)
     manifest = io.write_table(rows, out_uri, schemas.EVALUATION, options)
     io.write_bytes(report_uri(out_uri), report(rows, model, baseline_model, run_id).encode(), options)
@@ -264,6 +331,11 @@ def report_uri(out_uri: str) -> str:
 def answers_uri(out_uri: str) -> str:
     """Where the per-question ANSWERS table of the evaluation at `out_uri` goes: `<name>.answers.parquet`."""
     return out_uri.removesuffix(".parquet") + ".answers.parquet"
+
+
+def benchmark_answers_uri(out_uri: str) -> str:
+    """Where the BENCHMARK_ANSWERS table of the evaluation at `out_uri` goes: `<name>.benchmark.parquet`."""
+    return out_uri.removesuffix(".parquet") + ".benchmark.parquet"
 
 
 def format_metric(row: dict | None) -> str:
@@ -285,6 +357,7 @@ def report(rows: list[dict], model: str, baseline: str | None, run_id: str) -> s
     values = {(r["model"], r["metric"]): r for r in rows}
     ordered = [m for m in METRICS if any(r["metric"] == m for r in rows)]
     ordered += sorted({r["metric"] for r in rows if r["metric"].startswith("answer_accuracy/")})
+    ordered += [m for m in dict.fromkeys(r["metric"] for r in rows) if m not in ordered]  # a benchmark's, in order
     lines = [f"# Evaluation `{run_id}`", ""] + [f"- {label}: `{path}`" for label, path in columns]
     lines += ["", "| metric | split | " + " | ".join(f"{label} `{Path(p).name or p}`" for label, p in columns) + " |",
               "|---|---|" + "---|" * len(columns)]
@@ -296,36 +369,46 @@ def report(rows: list[dict], model: str, baseline: str | None, run_id: str) -> s
               "answer_accuracy_change (its exact McNemar p-value is in the row's details).",
               "rbar: mean token log-prob of a response given the clean frames and the plain question.",
               f"answer_accuracy counts a match when the {MATCH_RULE}; answer_f1 is SQuAD token F1. Each "
-              "question's answer is in the `answers` table beside this one.", ""]
-    return "\n".join(lines)
+              "question's answer is in the `answers` table beside this one."]
+    for r in rows:
+        if r["model"] == model and r["metric"] == f"{r['split']}_accuracy" and r["split"] in benchmarks.LAYOUTS:
+            d = json.loads(r["details"])
+            lines.append(f"{r['metric']}: {d['rule']}; a malformed reply is wrong ({d['malformed']} of {r['n']}); "
+                         f"{d['missing_video']} questions without a video, {d['undecodable']} undecodable and "
+                         f"{d['invalid']} invalid rows left out; per question {d['frames_per_question']:.1f} "
+                         f"frames, {d['prompt_tokens_per_question']:.0f} prompt and "
+                         f"{d['reply_tokens_per_question']:.1f} reply tokens. Each reply and the letter read from "
+                         "it are in the `benchmark` table beside this one; a change is paired like "
+                         "answer_accuracy_change.")
+    return "\n".join(lines + [""])
 
 
 def main(argv: list[str] | None = None) -> io.Manifest:
-    """CLI: evaluate a model (and a baseline) on a run's held-out data (paths from --root, each overridable)."""
-    parser = argparse.ArgumentParser(prog="python -m leanpo_core.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """CLI: evaluate a model (and a baseline) on a run's held-out data (tables from --root, each overridable;
+    leanpo_core/stagecli.py)."""
+    parser = stagecli.stage_parser("evaluate", __doc__, ("videos", "frames"), EvaluateConfig)
     parser.add_argument("--model", required=True, help="model to evaluate: local folder or hub id")
     parser.add_argument("--baseline", help="model to compare against (e.g. the SFT model); evaluated alike")
-    parser.add_argument("--root", help="run root (local folder or s3:// prefix); tables at their layout paths")
-    parser.add_argument("--videos", help="videos table URI (held-out questions), overriding --root's")
-    parser.add_argument("--frames", help="frames table URI, overriding --root's")
     parser.add_argument("--pairs", help="held-out pairs table URI (default: --root's pairs table if it exists)")
     parser.add_argument("--out", help="evaluation table URI (default: <root>/evaluation/<run-id>.parquet); the "
-                        "markdown report goes next to it")
-    parser.add_argument("--config", help="YAML/JSON file of EvaluateConfig fields (default: all defaults)")
+                        "markdown report, the answers and the benchmark replies go next to it")
     parser.add_argument("--run-id", default="eval", help="run id recorded in every row (default: eval)")
     args = parser.parse_args(argv)
+    uris = table_arguments(parser, args, "evaluate", ("videos", "frames"))
     layout = RunLayout(args.root) if args.root else None
-    videos = args.videos or (layout and layout.videos)
-    frames_uri = args.frames or (layout and layout.frames)
     out = args.out or (layout and layout.evaluation(args.run_id))
-    missing = [f"--{name}" for name, uri in (("videos", videos), ("frames", frames_uri), ("out", out)) if not uri]
-    if missing:
-        parser.error(f"give --root or every table URI (missing: {', '.join(missing)})")
+    if not out:
+        parser.error("give --out (the evaluation table's URI) unless --root is given")
+    config = stagecli.stage_config(args, EvaluateConfig, "evaluate")
     pairs = args.pairs or (layout.pairs if layout and io.exists(layout.pairs) else None)
-    config = load_config(args.config, EvaluateConfig) if args.config else EvaluateConfig()
-    manifest = run_evaluate(args.model, videos, frames_uri, pairs, out, config, args.run_id, args.baseline)
-    print(f"{manifest.rows} evaluation rows written to {manifest.uri}; report at {report_uri(out)}")
+    manifest = run_evaluate(args.model, uris["videos"], uris["frames"], pairs, out, config, args.run_id,
+                            args.baseline)
+    lines = [f"evaluation: {manifest.rows} rows -> {manifest.uri} (report: {report_uri(out)})",
+             f"answers: -> {answers_uri(out)}"]
+    lines += [f"benchmark answers: -> {benchmark_answers_uri(out)}"] if config.benchmark else []
+    stagecli.report(args, lines, {"evaluation": manifest.to_dict(), "report": report_uri(out),
+                                  "answers": answers_uri(out),
+                                  "benchmark_answers": benchmark_answers_uri(out) if config.benchmark else None})
     return manifest
 
 

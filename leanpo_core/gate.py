@@ -28,7 +28,8 @@ from leanpo_core.config import StageConfig
 from leanpo_core.registry import DEFAULT_ALIAS, Registry
 
 PRIMARY_ORDER = ("answer_accuracy", "answer_f1", "preference_accuracy")
-CHANGE_ROWS = {"answer_accuracy": "answer_accuracy_change"}  # metric -> its paired-difference row
+# metric -> its paired-difference row: answer_accuracy_change, and <benchmark>_accuracy_change likewise
+CHANGE_ROWS = {"answer_accuracy": "answer_accuracy_change"}
 
 
 class GateConfig(StageConfig):
@@ -116,7 +117,7 @@ def decide(rows: list[dict], candidate: str, reference: str | None, config: Gate
         if not passed:
             failures.append(f"{primary} {_fmt(mine[primary]['value'])} vs {_fmt(theirs[primary]['value'])}: "
                             f"{delta:+.4f} is not above the margin +{config.margin:g}")
-        change = mine.get(CHANGE_ROWS.get(primary, ""))
+        change = mine.get(CHANGE_ROWS.get(primary, f"{primary}_change"))
         if change is not None:
             row["interval"] = [change.get("ci_low"), change.get("ci_high")]
         if config.significant:

@@ -148,6 +148,17 @@ ANSWERS = _spec(  # one row per model and held-out question: what the evaluation
     _f("f1", _F64), _f("answer_logp", _F64, True),
 )
 
+BENCHMARK_ANSWERS = _spec(  # one row per model and standard-benchmark question (leanpo_core/benchmarks.py)
+    "benchmark_answers", 1,
+    _f("run_id", _STR), _f("model", _STR), _f("benchmark", _STR), _f("id", _STR), _f("video", _STR),
+    _f("categories", _STR),                   # JSON {axis: value}, e.g. {"duration": "short", "domain": ...}
+    _f("prompt", _STR), _f("answer", _STR),   # the question as asked; the right option's letter
+    _f("response", _STR),
+    _f("extracted", _STR, True),              # the letter read from the response; null: malformed (counted wrong)
+    _f("correct", pa.bool_()),
+    _f("frames", _I32), _f("prompt_tokens", _I32), _f("reply_tokens", _I32),  # what the question cost
+)
+
 REGISTRY = _spec(  # the model registry's append-only log (leanpo_core/registry.py): one row per event
     "registry", 1,
     _f("event_id", _STR),
@@ -169,7 +180,7 @@ REGISTRY = _spec(  # the model registry's append-only log (leanpo_core/registry.
 
 TABLES: dict[str, TableSpec] = {
     spec.name: spec for spec in (VIDEOS, FRAMES, SAMPLES, SCORED, PAIRS, FAILURES, TRAIN_METRICS, EVALUATION,
-                                 ANSWERS, REGISTRY)
+                                 ANSWERS, BENCHMARK_ANSWERS, REGISTRY)
 }
 
 

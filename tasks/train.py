@@ -119,7 +119,7 @@ def sft_pairs(out: str, videos: dict, frames: dict) -> dict:
 def evaluate(trained: dict, config: EvaluateConfig, videos: dict, frames: dict, out: str, run_id: str,
              pairs: dict | None = None, baseline: str | None = None, timeout_s: float | None = None) -> dict:
     """Evaluate the trained model (and the baseline it started from) on held-out questions and pairs."""
-    from leanpo_core.evaluate import answers_uri, report_uri
+    from leanpo_core.evaluate import answers_uri, benchmark_answers_uri, report_uri
 
     with tempfile.TemporaryDirectory(prefix="leanpo-") as folder:
         args = ["--config", write_config(config, folder), "--model", trained["model"], "--videos", videos["uri"],
@@ -131,6 +131,8 @@ def evaluate(trained: dict, config: EvaluateConfig, videos: dict, frames: dict, 
     manifest = io.read_manifest(out)
     publish_table(manifest, schemas.EVALUATION)
     publish_table(io.read_manifest(answers_uri(out)), schemas.ANSWERS)
+    if config.benchmark:  # every benchmark reply with the letter read from it
+        publish_table(io.read_manifest(benchmark_answers_uri(out)), schemas.BENCHMARK_ANSWERS)
     rows = io.read_table(out, schemas.EVALUATION).to_pylist()
     return {**manifest.to_dict(), "report": report_uri(out), "model": trained["model"], "baseline": baseline,
             "answers": answers_uri(out),

@@ -182,7 +182,7 @@ def test_cli_with_vllm_writes_table_and_report(heldout, toy_dirs, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = io.read_table(out, schemas.EVALUATION).to_pylist()
-    assert f"{len(table)} evaluation rows written to {out}" in proc.stdout
+    assert f"evaluation: {len(table)} rows -> {out}" in proc.stdout
     assert {r["metric"] for r in table if "/" not in r["metric"]} == set(evaluate.METRICS) - {
         "answer_logp_change", "answer_accuracy_change"}
     assert {r["run_id"] for r in table} == {"cli"}

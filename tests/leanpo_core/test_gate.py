@@ -84,6 +84,12 @@ def test_significance_uses_the_paired_interval():
     assert decide(significant, CAND, CUR, GateConfig(significant=True)).promote
     unpaired = rows({"answer_accuracy": 0.75}, {"answer_accuracy": 0.70})
     assert "no paired interval" in decide(unpaired, CAND, CUR, GateConfig(significant=True)).reason
+    # a benchmark as the primary metric: its own change row (evaluate writes <name>_accuracy_change)
+    bench = [{**r, "metric": r["metric"].replace("answer_accuracy", "videomme_accuracy")} for r in significant]
+    gated = decide(bench, CAND, CUR, GateConfig(significant=True, primary="videomme_accuracy"))
+    assert gated.promote, gated.reason
+    bench = [{**r, "metric": r["metric"].replace("answer_accuracy", "videomme_accuracy")} for r in better]
+    assert not decide(bench, CAND, CUR, GateConfig(significant=True, primary="videomme_accuracy")).promote
 
 
 def test_markdown_shows_the_table_and_the_decision():
