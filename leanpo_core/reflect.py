@@ -31,6 +31,8 @@ from leanpo_core.config import ReflectConfig
 from leanpo_core.layout import table_arguments
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+# Decoded frames the judge pass reuses from the likelihood pass instead of reading them again (beyond it: re-read).
+KEEP_FRAMES_BYTES = 2 * 2**30
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
@@ -251,8 +253,9 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
 
     # Two passes when judging: the SFT model scores every pending shard and leaves the device before the judge
     # engine starts, so the two never hold accelerator memory together (and, on CPU, HF runs before vLLM pins the
-    # process's OpenMP threads). Shards are written as they are judged; a crash loses only unwritten shards.
-    sft_by_shard = {}
+    # process's OpenMP threads). Shards are written as they are judged; a crash loses only unwritten shards. The
+    # judge pass reuses the frames the first pass read while they fit KEEP_FRAMES_BYTES; later shards are read again.
+    sft_by_shard, kept, kept_bytes = {}, {}, 0
     with Progress(disable=not progress) as bar:
         task = bar.add_task("reflect: scoring shards", total=len(pending) * (2 if config.judge else 1))
         model, processor, adapter = load_scorer(config, sample_model)
@@ -261,6 +264,9 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
             sft = sft_scores(model, processor, adapter, items, config.batch_size)
             if config.judge:
                 sft_by_shard[i] = sft
+                size = sum({id(it["frames"]): it["frames"].nbytes for it in items}.values())
+                if kept_bytes + size <= KEEP_FRAMES_BYTES:
+                    kept[i], kept_bytes = (items, failures), kept_bytes + size
             else:
                 write(i, items, failures, sft, [(None, None, "off")] * len(items))
             bar.advance(task)
@@ -272,7 +278,7 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
             engine = open_engine(sample_model, backend=config.backend, max_tokens_hint=config.judge_max_tokens)
             try:
                 for i, sft in sft_by_shard.items():
-                    items, failures = prepare(i)
+                    items, failures = kept.pop(i, None) or prepare(i)
                     write(i, items, failures, sft, judge_scores(engine, items, config))
                     bar.advance(task)
             finally:

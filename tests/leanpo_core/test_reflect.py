@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from leanpo_core import engine, io, models, reflect, schemas
+from leanpo_core import engine, frames, io, models, reflect, schemas
 from leanpo_core.config import ReflectConfig
 from leanpo_core.layout import RunLayout
 from leanpo_core.logps import naive_response_logps
@@ -180,7 +180,11 @@ def test_judge_replies_are_parsed_or_recorded_as_unparsable(tmp_path, toy_dirs, 
                         raising=False)
     config = ReflectConfig(judge=True, judge_weight=2.0, judge_max_tokens=7, backend="transformers")
     layout = write_run(str(tmp_path), video, {0: SHARDS[0]})
+    reads = []
+    real_load = frames.FrameStore.load
+    monkeypatch.setattr(frames.FrameStore, "load", lambda self, keys: reads.append(keys) or real_load(self, keys))
     run(layout, config, toy_dirs["qwen2_vl"])
+    assert len(reads) == 1  # the judge pass reuses the likelihood pass's frames: each shard's are read once
     rows = {r["response"]: r for r in io.read_dataset(layout.scored, schemas.SCORED).to_pylist()}
     assert opened == [(str(toy_dirs["qwen2_vl"]), {"backend": "transformers", "max_tokens_hint": 7})] and fake.closed
     assert {r: (rows[r]["judge_status"], rows[r]["judge_raw"]) for r in replies} == {
