@@ -52,7 +52,8 @@ def pipeline(manifest: str, root: str, sample: SampleConfig, train: TrainConfig,
         done.append({"generator": generator, "refresh": refresh, "train": trained})
         generator = policy = next_model(trained, gate, generator)
     report.pipeline_report(root, done)
-    return {"rounds": done, "model": generator}
+    # model: the newest trained model; next_model: where a further round would start (the promoted model)
+    return {"rounds": done, "model": done[-1]["train"]["model"], "next_model": generator}
 
 
 def next_model(trained: dict, gate: GateConfig, previous: str) -> str:

@@ -24,6 +24,7 @@ from flows.data_refresh import data_refresh
 from flows.pipeline import pipeline
 from leanpo_core import io, schemas, synthetic, toy
 from leanpo_core.layout import RunLayout
+from leanpo_core.registry import Registry
 from tasks.data import PAIRS_PUBLISHED
 from tests.leanpo_core.test_io import assert_every_reader_counts
 
@@ -128,6 +129,9 @@ def test_pipeline_writes_every_table_and_publishes_the_model(first_run, paramete
     models = {row["model"] for row in evaluation}
     assert models == {trained["model"], parameters["train"]["model"]}  # trained vs the model it started from
     assert result["model"] == trained["model"]
+    gate = trained["gate"]  # a further round starts from the promoted model, else from where this one started
+    current = Registry(io.join_uri(parameters["root"], "registry")).current("production")
+    assert result["next_model"] == (current["model_uri"] if gate["promote"] else parameters["sample"]["model"])
     sharded = sorted({str(p.parent) for p in Path(parameters["root"]).rglob("part-*.parquet")})
     assert {Path(folder).name for folder in sharded} >= {"frames", "samples", "scored"}  # and failures/<stage>
     for folder in sharded:
