@@ -25,7 +25,7 @@ from leanpo_core.layout import RunLayout
 from flows.data_refresh import data_refresh
 from flows.train import train_flow
 from tasks import gate as gate_tasks
-from tasks import report
+from tasks import report, scale
 
 
 @flow(name="pipeline", log_prints=True)
@@ -34,18 +34,21 @@ def pipeline(manifest: str, root: str, sample: SampleConfig, train: TrainConfig,
              pairs: PairsConfig = PairsConfig(), evaluate: EvaluateConfig = EvaluateConfig(),
              rounds: Annotated[int, Field(ge=1, le=100, description="Self-improvement rounds.")] = 1,
              split: str = "train", work_dir: str | None = None, video_root: str | None = None,
-             allowed_roots: list[str] | None = None, gate: GateConfig = GateConfig()) -> dict:
+             allowed_roots: list[str] | None = None, gate: GateConfig = GateConfig(),
+             task_runner: scale.TaskRunnerName = "thread", cluster_address: str | None = None,
+             local_workers: int = 2) -> dict:
     """`rounds` rounds of sampling, scoring, pairing, training and evaluation; with the gate (the default) each
     later round starts from the alias's current (promoted) model, so a rejected candidate is never built on;
     without it, from the newest model. `video_root` and `allowed_roots` locate the manifest's videos as in the data
-    refresh."""
+    refresh; `task_runner`, `cluster_address` and `local_workers` run its shards as there (a Dask cluster)."""
     generator, policy, done = sample.model, train.model, []
     gate = gate.model_copy(update={"registry": gate.registry or RunLayout(root).registry})
     for index in range(rounds):
         round_root = io.join_uri(root, f"round-{index}")
         refresh = data_refresh(manifest, round_root, sample.model_copy(update={"model": generator, "round": index}),
                                frames, reflect, pairs, split, announce=False, video_root=video_root,
-                               allowed_roots=allowed_roots)
+                               allowed_roots=allowed_roots, task_runner=task_runner,
+                               cluster_address=cluster_address, local_workers=local_workers)
         trained = train_flow(round_root, train.model_copy(update={"model": policy}), evaluate,
                              heldout_manifest=manifest, frames=frames, work_dir=work_dir, video_root=video_root,
                              allowed_roots=allowed_roots, gate=gate)

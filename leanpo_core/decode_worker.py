@@ -30,7 +30,7 @@ _WORKER_START_TIMEOUT_S = 120.0  # a cold start imports numpy, pyarrow, av and d
 # glibc serves each converted frame (340 KB at 448x252) by a fresh mmap and unmaps it when freed: 80 page faults a
 # frame. Heap allocations up to 64 MB, and a heap kept up to 256 MB, spare most of those faults and much of the
 # worker's system time (bench/README.md, frames). Other C libraries ignore these; the environment's own values win.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 class VideoFailed(Exception):
@@ -78,10 +78,17 @@ class _SharedFrames:
 
 def serve(fd: int) -> None:
     """The decode worker's loop: receives (config, options) once, then video URIs; answers meta + raw frames (the
-    descriptor of a memfd holding them, or their bytes)."""
+    descriptor of a memfd holding them, or their bytes). Ends quietly when the parent is gone (its end of the socket
+    closed: e.g. a Dask worker killed inside a frames shard), since nobody is left to answer."""
+    try:
+        _serve(Connection(fd))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def _serve(conn: Connection) -> None:
     from multiprocessing.reduction import send_handle
 
-    conn = Connection(fd)
     config_json, options = conn.recv()
     config = FramesConfig.model_validate_json(config_json)
     import av  # noqa: F401  imported before "ready", so no video's time limit pays for it
@@ -156,7 +163,7 @@ class DecodeWorker:
 
         parent, child = socket.socketpair()
         package_root = str(Path(__file__).resolve().parents[1])
-        env = {**_MALLOC_ENV, **os.environ,
+        env = {**MALLOC_ENV, **os.environ,
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         self._proc = subprocess.Popen([sys.executable, "-m", "leanpo_core.decode_worker", str(child.fileno())],
                                       pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env)

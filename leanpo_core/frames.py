@@ -77,23 +77,29 @@ def _shard_done(frames_uri: str, failures_uri: str, keys: list[str], options: io
     return sorted(held) == sorted(keys)
 
 
+def plan_shards(videos_uri: str, config: FramesConfig, options: io.StorageOptions | None = None) -> dict[int, list]:
+    """{shard index: its videos}: the distinct videos of the videos table in first-appearance order (several
+    questions can share one video), `config.shard_size` per shard."""
+    table = io.read_table(videos_uri, schemas.VIDEOS, options)
+    return sharding.plan(list(dict.fromkeys(table.column("video").to_pylist())), config.shard_size)
+
+
 def run_frames(videos_uri: str, frames_uri: str, failures_uri: str, config: FramesConfig | None = None,
                options: io.StorageOptions | None = None, shards: list[int] | None = None,
                progress: bool = True) -> FramesResult:
     """Decode every distinct video of the videos table into frames shards; failures go to the failures table.
 
     Shard i holds distinct videos [i * shard_size, (i + 1) * shard_size) in first-appearance order, so the plan
-    depends only on the videos table and the config. `shards` limits the run to those shard indices (for mapping
-    shards over workers). A shard already done under the same config is skipped. Frames rows carry no clock
-    time, so the same inputs give byte-identical frames shards; failure rows record when they happened. Object
-    storage that cannot be read or written raises StorageError (the stage fails; a retry resumes at the shard).
+    depends only on the videos table and the config (`plan_shards`). `shards` limits the run to those shard indices
+    (a Dask cluster runs one task per shard: tasks/data.py); disjoint subsets can run at the same time. A shard
+    already done under the same config is skipped. Frames rows carry no clock time, so the same inputs give
+    byte-identical frames shards; failure rows record when they happened. Object storage that cannot be read or
+    written raises StorageError (the stage fails; a retry resumes at the shard).
     """
     from rich.progress import MofNCompleteColumn, Progress
 
     config = config or FramesConfig()
-    table = io.read_table(videos_uri, schemas.VIDEOS, options)
-    videos = list(dict.fromkeys(table.column("video").to_pylist()))  # several questions can share one video
-    plan = sharding.plan(videos, config.shard_size)
+    plan = plan_shards(videos_uri, config, options)
     selected = sorted(plan) if shards is None else sorted(set(shards))
     unknown = [i for i in selected if i not in plan]
     if unknown:

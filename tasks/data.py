@@ -8,6 +8,10 @@ model, so they run as `python -m leanpo_core.<stage>` children the task owns (`l
 Each task takes the manifest of the table it reads (`videos`, `frames`, ...): besides ordering the tasks, that puts
 the input's content hash into the task's cache key (`tasks.common.ContentKey`), so a re-run with unchanged inputs,
 config and code skips the stage, and a changed input table recomputes it.
+
+With a shard runner (the flow's `task_runner` "dask" or "ray": tasks/scale.py), `frames_shards` and `reflect_shards`
+submit one `frames-shard` / `reflect-shard` task run per shard to the cluster first; the stage task then finds every
+shard done, and publishes the table as it would have written it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import tempfile
 
 from prefect import get_run_logger, task
 from prefect.events import emit_event
+from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner
 
 from leanpo_core import io, schemas
 from leanpo_core.config import FramesConfig, PairsConfig, ReflectConfig, SampleConfig, StageConfig
@@ -24,6 +30,7 @@ from leanpo_core.launch import run_module
 from leanpo_core.layout import RunLayout
 from tasks.common import (RETRIES, ContentKey, Progress, gpu_slot, publish_table, stage_output_logger,
                           write_config)
+from tasks.scale import submit_shards
 
 PAIRS_PUBLISHED = "leanpo.pairs.published"
 
@@ -65,6 +72,29 @@ def frames(root: str, config: FramesConfig, videos: dict) -> dict:
     return manifest.to_dict()
 
 
+@task(name="frames-shard", cache_policy=ContentKey(), **RETRIES)
+def frames_shard(root: str, config: FramesConfig, videos: dict, shard: int) -> dict:
+    """Decode one frames shard (`run_frames(shards=[shard])`); runs on a Dask or Ray worker."""
+    from leanpo_core.frames import run_frames
+
+    layout = RunLayout(root)
+    result = run_frames(layout.videos, layout.frames, layout.failures("frames"), config, shards=[shard],
+                        progress=False)
+    done = " (already done)" if result.skipped_shards else ""
+    get_run_logger().info(f"frames shard {shard}: {result.decoded} decoded, {result.failed} failed{done}")
+    return result.manifests[0].to_dict()
+
+
+def frames_shards(runner: TaskRunner | None, root: str, config: FramesConfig, videos: dict) -> list[PrefectFuture]:
+    """One `frames-shard` task run per shard of the frames plan, on `runner`, waited for (none without a runner)."""
+    if runner is None:
+        return []
+    from leanpo_core.frames import plan_shards
+
+    shards = sorted(plan_shards(RunLayout(root).videos, config))
+    return submit_shards(runner, frames_shard, shards, root=root, config=config, videos=videos)
+
+
 @task(name="sample", cache_policy=ContentKey(), **RETRIES)
 def sample(root: str, config: SampleConfig, videos: dict, frames: dict, timeout_s: float | None = None) -> dict:
     """Prior-infused sampling with the generator (hint + self-reflection wins, lean augmented view loses)."""
@@ -89,6 +119,26 @@ def reflect(root: str, config: ReflectConfig, model: str, samples: dict, timeout
     manifest = io.dataset_manifest(layout.scored, schemas.SCORED)
     publish_table(manifest, schemas.SCORED)
     return manifest.to_dict()
+
+
+@task(name="reflect-shard", cache_policy=ContentKey(), **RETRIES)
+def reflect_shard(root: str, config: ReflectConfig, model: str, samples: dict, shard: int,
+                  timeout_s: float | None = None) -> dict:
+    """Score the candidates of one samples shard (`python -m leanpo_core.reflect --shards`); on a Dask or Ray
+    worker, holding the host's "gpu" slot like `reflect`."""
+    with gpu_slot():
+        _run_stage("leanpo_core.reflect", config, ["--model", model, "--root", root, "--shards", str(shard)],
+                   timeout_s)
+    return io.read_manifest(io.shard_uri(RunLayout(root).scored, shard)).to_dict()
+
+
+def reflect_shards(runner: TaskRunner | None, root: str, config: ReflectConfig, model: str,
+                   samples: dict) -> list[PrefectFuture]:
+    """One `reflect-shard` task run per samples shard, on `runner`, waited for (none without a runner)."""
+    if runner is None:
+        return []
+    shards = sorted(io.shard_uris(RunLayout(root).samples))
+    return submit_shards(runner, reflect_shard, shards, root=root, config=config, model=model, samples=samples)
 
 
 @task(name="pairs", cache_policy=ContentKey(), **RETRIES)
