@@ -25,11 +25,11 @@ def data_refresh(manifest: str, root: str, sample: SampleConfig, frames: FramesC
                  split: str = "train", announce: bool = True, video_root: str | None = None,
                  allowed_roots: list[str] | None = None, task_runner: scale.TaskRunnerName = "thread",
                  cluster_address: str | None = None, local_workers: int = 2) -> dict:
-    """Build the preference pairs of one round from `manifest` under the run folder or s3:// prefix `root`;
-    `announce`: emit `leanpo.pairs.published` when the pairs table is new. `video_root` (where relative video paths
-    resolve; default the manifest's folder) and `allowed_roots` (further folders or s3:// prefixes that absolute
-    video paths may point into) are `python -m leanpo_core.videos --video-root/--root`. `task_runner`: where frames
-    and scoring shards run: "thread" (in this process, one task per stage), "dask" (one task per shard on a Dask
+    """Build the preference pairs of one round from `manifest` under the run folder or s3:// prefix `root`; `announce`:
+    emit `leanpo.pairs.published` when the pairs table is new. `video_root` (where relative video paths resolve;
+    default the manifest's folder) and `allowed_roots` (further folders or s3:// prefixes that absolute video paths
+    may point into) are `python -m leanpo_core.videos --video-root/--allowed-root`. `task_runner`: where frames and
+    scoring shards run: "thread" (in this process, one task per stage), "dask" (one task per shard on a Dask
     cluster: the scheduler at `cluster_address`, e.g. tcp://scheduler:8786, or a local cluster of `local_workers`
     processes) or "ray" (the same on Ray, with prefect-ray installed)."""
     runner = scale.shard_runner(task_runner, cluster_address, local_workers)

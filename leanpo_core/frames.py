@@ -5,32 +5,30 @@ The stage (`run_frames`) writes one frames shard and one failures shard per `sha
 (`leanpo_core.decode`) runs in one long-lived worker process (`leanpo_core.decode_worker`), so a video that hangs
 (a stalled mount, a FIFO) is killed after `timeout_s` and the batch goes on; the worker is restarted only then.
 
-    python -m leanpo_core.frames run --videos runs/r1/videos.parquet --out runs/r1/frames \
-        --failures runs/r1/failures/frames [--config frames.yaml]    # also s3:// URIs
-    python -m leanpo_core.frames [probe] VIDEO [--num-frames 16]       # prints what would be stored
+    python -m leanpo_core.frames --root runs/r1 [--config frames.yaml] [--set num_frames=32]   # also s3:// URIs
+    python -m leanpo_core.frames --videos runs/r1/videos.parquet --frames runs/r1/frames --failures runs/r1/failed
+    python -m leanpo_core.frames probe VIDEO [--num-frames 16]          # prints what would be stored
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from leanpo_core import io, schemas, sharding
-from leanpo_core.config import ConfigError, FramesConfig
+from leanpo_core import io, schemas, sharding, stagecli
+from leanpo_core.config import FramesConfig
 from leanpo_core.decode import PIXELS_VERSION, probe
 # toyworld.clip_frames imports it from here, and its source is part of the toy world's key: moving the import
 # would make the shipped world look stale
 from leanpo_core.decode import uniform_indices  # noqa: F401
 from leanpo_core.decode_worker import DecodeWorker, VideoFailed
-from leanpo_core.layout import add_table_arguments, table_arguments
+from leanpo_core.layout import table_arguments
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -237,51 +235,37 @@ class FrameStore:
         return out
 
 
-def _load_config(path: str | None) -> FramesConfig:
-    """A FramesConfig from a YAML/JSON file holding either its fields or a pipeline config's `frames:` section."""
-    if path is None:
-        return FramesConfig()
-    import yaml
-    from pydantic import ValidationError
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}  # YAML is a superset of JSON
-        return FramesConfig.model_validate(data.get("frames", data) if isinstance(data, dict) else data)
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"invalid frames config {path}:\n{exc}") from exc
-
-
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] not in ("run", "probe") and not argv[0].startswith("-"):
-        argv = ["probe", *argv]  # the single-video form `python -m leanpo_core.frames VIDEO` keeps working
-    parser = argparse.ArgumentParser(prog="python -m leanpo_core.frames", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the frames stage over a videos table")
+    """CLI: the frames stage over a videos table (leanpo_core/stagecli.py), or `probe VIDEO`: decode one video and
+    print what would be stored. The earlier forms `frames run ...` and `frames VIDEO` still work."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] != "run" and not argv[0].startswith("-"):
+        return _probe(argv[1:] if argv[0] == "probe" else argv)
     tables = ("videos", "frames", "failures")
-    add_table_arguments(run, "frames", tables)
-    run.add_argument("--out", dest="frames", help=argparse.SUPPRESS)  # the flag's earlier name
-    run.add_argument("--config", help="YAML/JSON with FramesConfig fields or a pipeline config's frames: section")
-    run.add_argument("--shards", help="comma-separated shard indices to run (default: all)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    single = commands.add_parser("probe", help="decode one video and print what would be stored")
-    single.add_argument("video", help="video file or frames folder (local or s3://)")
-    single.add_argument("--num-frames", type=int, default=16, help="uniformly sampled frames (default 16)")
-    single.add_argument("--decoder", choices=["auto", "decord", "pyav"], default="auto")
-    args = parser.parse_args(argv)
-    if args.command == "probe":
-        print(probe(args.video, FramesConfig(num_frames=args.num_frames, decoder=args.decoder)))
-        return None
+    parser = stagecli.stage_parser("frames", __doc__, tables, FramesConfig)
+    parser.add_argument("--shards", help="comma-separated shard indices to run (default: all)")
+    args = parser.parse_args(argv[1:] if argv and argv[0] == "run" else argv)
+    uris = table_arguments(parser, args, "frames", tables)
+    config = stagecli.stage_config(args, FramesConfig, "frames")
     shards = [int(s) for s in args.shards.split(",")] if args.shards else None
-    uris = table_arguments(run, args, "frames", tables)
-    result = run_frames(uris["videos"], uris["frames"], uris["failures"], _load_config(args.config), shards=shards,
-                        progress=not args.no_progress)
-    print(json.dumps({"videos": result.videos, "decoded": result.decoded, "failed": result.failed,
-                      "skipped_shards": result.skipped_shards,
-                      "frames": [m.to_dict() for m in result.manifests],
-                      "failures": [m.to_dict() for m in result.failure_manifests]}, indent=2))
+    result = run_frames(uris["videos"], uris["frames"], uris["failures"], config, shards=shards,
+                        progress=stagecli.show_progress(args))
+    stagecli.report(args, [f"frames: {result.decoded} videos decoded, {result.skipped_shards} shard(s) already done "
+                           f"-> {uris['frames']}", f"failures: {result.failed} videos -> {uris['failures']}"],
+                    {"videos": result.videos, "decoded": result.decoded, "failed": result.failed,
+                     "skipped_shards": result.skipped_shards, "frames": [m.to_dict() for m in result.manifests],
+                     "failures": [m.to_dict() for m in result.failure_manifests]})
     return None
+
+
+def _probe(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m leanpo_core.frames probe",
+                                     description="Decode one video and print what the frames stage would store.")
+    parser.add_argument("video", help="video file or frames folder (local or s3://)")
+    parser.add_argument("--num-frames", type=int, default=16, help="uniformly sampled frames (default 16)")
+    parser.add_argument("--decoder", choices=["auto", "decord", "pyav"], default="auto")
+    args = parser.parse_args(argv)
+    print(probe(args.video, FramesConfig(num_frames=args.num_frames, decoder=args.decoder)))
 
 
 if __name__ == "__main__":

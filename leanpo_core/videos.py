@@ -12,8 +12,10 @@ empty question or answer, text that is not UTF-8, chat-control tokens in text (`
 or `video_root`, plus `roots`; a local path counts where it really leads, so a symlink out of a root is outside).
 Relative video paths resolve against `video_root` when given, else against the manifest's folder.
 
-    python -m leanpo_core.videos data/qa.jsonl --out runs/r1/videos.parquet
-    python -m leanpo_core.videos sft_dpo_17k.jsonl --video-root /data/hound/frames --out s3://bucket/r1/videos.parquet
+    python -m leanpo_core.videos data/qa.jsonl --root runs/r1                       # -> runs/r1/videos.parquet
+    python -m leanpo_core.videos sft_dpo_17k.jsonl --video-root /data/hound/frames \
+        --videos s3://bucket/r1/videos.parquet
+    python -m leanpo_core.videos qa.jsonl --root runs/r1 --allowed-root /data/videos --allowed-root s3://bucket/clips
 """
 
 from __future__ import annotations
@@ -235,17 +237,23 @@ def write_videos(rows: list[dict], uri: str, options: io.StorageOptions | None =
 
 
 def main(argv: list[str] | None = None) -> io.Manifest:
+    """CLI: validate a manifest into a run's videos table (--root, or --videos for the table's own location)."""
+    from leanpo_core import stagecli
+    from leanpo_core.layout import add_table_arguments, table_arguments
+
     parser = argparse.ArgumentParser(prog="python -m leanpo_core.videos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("manifest", help="CSV, JSONL or Parquet manifest (local path or s3://)")
-    parser.add_argument("--out", required=True, help="where to write the videos table (.parquet, local or s3://)")
+    add_table_arguments(parser, "videos", ("videos",))
     parser.add_argument("--video-root", help="folder relative video paths resolve against (default: the manifest's)")
-    parser.add_argument("--root", action="append", default=[], help="another allowed root for absolute paths or "
-                        "s3:// URIs (repeatable)")
+    parser.add_argument("--allowed-root", action="append", default=[], help="another allowed root for absolute "
+                        "paths or s3:// URIs (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the table's manifest as JSON")
     args = parser.parse_args(argv)
-    rows = read_videos(args.manifest, video_root=args.video_root, roots=args.root)  # ManifestError: exit 65
-    manifest = write_videos(rows, args.out)
-    print(json.dumps(manifest.to_dict(), indent=2))
+    uri = table_arguments(parser, args, "videos", ("videos",))["videos"]
+    rows = read_videos(args.manifest, video_root=args.video_root, roots=args.allowed_root)  # ManifestError: exit 65
+    manifest = write_videos(rows, uri)
+    stagecli.report(args, [f"videos: {manifest.rows} rows -> {manifest.uri}"], manifest.to_dict())
     return manifest
 
 

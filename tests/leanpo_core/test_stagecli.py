@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 # stage module -> (a field and a value it refuses, arguments the stage needs besides its tables and config)
 STAGES = {"sample": ("num_candidates", "0", []), "reflect": ("batch_size", "-1", ["--model", "m"]),
           "pairs": ("min_trust_gap", "-1", []), "train": ("learning_rate", "-1", []),
-          "evaluate": ("batch_size", "0", ["--model", "m"])}
+          "evaluate": ("batch_size", "0", ["--model", "m"]), "frames": ("num_frames", "0", [])}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

@@ -179,14 +179,14 @@ def test_symlinks_are_checked_where_they_lead(tmp_path):
 
 def test_cli_validates_and_writes(tmp_path, capsys):
     path = _write(tmp_path / "qa.jsonl", ROWS, "jsonl")
-    manifest = main([str(path), "--out", str(tmp_path / "out" / "videos.parquet")])
+    manifest = main([str(path), "--videos", str(tmp_path / "out" / "videos.parquet"), "--json"])
     assert manifest.rows == 3 and json.loads(capsys.readouterr().out)["rows"] == 3
     (tmp_path / "bad.jsonl").write_bytes(_jsonl_bytes([GOOD, GOOD]))
     with pytest.raises(ManifestError, match="duplicate id"):
-        main([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "bad.parquet")])
+        main([str(tmp_path / "bad.jsonl"), "--videos", str(tmp_path / "bad.parquet")])
     # As a process: the one bad-input rule of every stage (launch.stage_entry), one line naming the problem, exit 65.
-    proc = subprocess.run([sys.executable, "-m", "leanpo_core.videos", str(tmp_path / "bad.jsonl"), "--out",
-                           str(tmp_path / "bad.parquet")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "leanpo_core.videos", str(tmp_path / "bad.jsonl"), "--root",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_BAD_INPUT and "Traceback" not in proc.stderr
     assert "leanpo_core.videos: bad input: ManifestError" in proc.stderr and "duplicate id" in proc.stderr
-    assert not (tmp_path / "bad.parquet").exists()
+    assert not (tmp_path / "bad.parquet").exists() and not (tmp_path / "videos.parquet").exists()

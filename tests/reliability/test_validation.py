@@ -177,4 +177,4 @@ def test_unparsable_config_files_name_the_file(tmp_path):
         load_config(tmp_path / "list.yaml", TrainConfig)
     (tmp_path / "inf.yaml").write_text("frames: {timeout_s: .inf}\n")  # YAML's own infinity
     with pytest.raises(ConfigError, match=r"(?s)inf\.yaml.*timeout_s"):
-        frames_stage._load_config(str(tmp_path / "inf.yaml"))
+        frames_stage.main(["--root", str(tmp_path / "run"), "--config", str(tmp_path / "inf.yaml")])
