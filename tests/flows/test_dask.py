@@ -17,7 +17,6 @@ on both runners, scored shards and pairs compared as well.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import shutil
 import signal
@@ -35,7 +34,7 @@ from leanpo_core import io, schemas, synthetic, toy
 from leanpo_core.config import ConfigError, FramesConfig
 from leanpo_core.layout import RunLayout
 from tasks import data, scale
-from tests.reliability.test_security import _flow_run_texts
+from tests.reliability.test_security import _flow_run_texts, s3_dataset
 
 
 class WorkerKiller(threading.Thread):
@@ -156,14 +155,9 @@ def test_no_credential_in_any_output_of_a_dask_run(tmp_path, s3_server, s3_root,
     output of this process and its Dask workers hold neither the access key nor the secret."""
     fs = s3_server.filesystem()
     bucket_root = s3_root.removeprefix("s3://")
-    manifest = synthetic.generate(tmp_path / "syn", num=2, seed=0, questions_per_clip=1)
-    fs.put(str(manifest.parent / "clips"), f"{bucket_root}/data/clips", recursive=True)
-    fs.pipe_file(f"{bucket_root}/data/clips/broken.mp4", b"not a video")
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    rows.append({**rows[0], "id": "broken-0", "video": "clips/broken.mp4"})
-    fs.pipe_file(f"{bucket_root}/data/qa.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     root = f"{s3_root}/run"
-    state = frames_stage(f"{s3_root}/data/qa.jsonl", root, FRAMES, task_runner="dask", return_state=True)
+    state = frames_stage(s3_dataset(tmp_path, s3_server, s3_root), root, FRAMES, task_runner="dask",
+                         return_state=True)
     assert state.is_completed(), state.message
     failures = io.read_dataset(f"{root}/failures/frames", schemas.FAILURES).to_pylist()
     assert [f["error_type"] for f in failures] == ["DecodeError"]

@@ -77,7 +77,8 @@ def _stage(*args: str, env: dict) -> subprocess.CompletedProcess:
                           env={**os.environ, **env, "PYTHONPATH": str(REPO)})
 
 
-def test_no_credential_in_any_output_of_a_run(tmp_path, s3_server, s3_root, monkeypatch, capfd):
+def s3_dataset(tmp_path, s3_server, s3_root) -> str:
+    """Two synthetic clips and a broken one under `<s3_root>/data`, with their manifest: its URI."""
     fs = s3_server.filesystem()
     bucket_root = s3_root.removeprefix("s3://")
     manifest = synthetic.generate(tmp_path / "syn", num=2, seed=0, questions_per_clip=1)
@@ -86,7 +87,13 @@ def test_no_credential_in_any_output_of_a_run(tmp_path, s3_server, s3_root, monk
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     rows.append({**rows[0], "id": "broken-0", "video": "clips/broken.mp4"})
     fs.pipe_file(f"{bucket_root}/data/qa.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-    qa, root = f"{s3_root}/data/qa.jsonl", f"{s3_root}/run"
+    return f"{s3_root}/data/qa.jsonl"
+
+
+def test_no_credential_in_any_output_of_a_run(tmp_path, s3_server, s3_root, monkeypatch, capfd):
+    fs = s3_server.filesystem()
+    bucket_root = s3_root.removeprefix("s3://")
+    qa, root = s3_dataset(tmp_path, s3_server, s3_root), f"{s3_root}/run"
     frames = FramesConfig(num_frames=4, max_side=64)
 
     good = leak_check(qa, root, frames, return_state=True)
