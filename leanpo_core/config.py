@@ -105,7 +105,21 @@ class SampleConfig(StageConfig):
         return self
 
 
-class ReflectConfig(StageConfig):
+class ScoringConfig(StageConfig):
+    """What the stages that score likelihoods share: where (`device`) and in what precision (`scoring_precision`)."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where likelihoods are scored (reflect: the "
+                                                   "SFT model; evaluate: the evaluated models); auto: cuda when "
+                                                   "available.")
+    scoring_precision: ScoringPrecision = Field(
+        "auto", description="Precision of the models whose likelihoods are scored (reflect: rbar, which the trust "
+        "filter compares; evaluate: preference accuracy, answer_logp). fp32: fp32 weights; bf16-weights-fp32-softmax: "
+        "bf16 weights and activations, log-softmax and sums in fp32 (half the memory, tensor-core math); auto: bf16 "
+        "on a CUDA GPU with native bf16, fp32 elsewhere. How often bf16 flips the trust filter's decision: "
+        "docs/operations.md, Scoring precision.")
+
+
+class ReflectConfig(ScoringConfig):
     """Self-reflection scoring of candidates: judge, prior agreement, SFT likelihood."""
 
     judge: bool = Field(True, description="Ask the model to rate each candidate (self-reflection judgement).")
@@ -117,13 +131,6 @@ class ReflectConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="Candidates per likelihood forward.")
     backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="Judge's generation engine; "
                                                              "auto: vLLM wherever it imports.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the SFT model scores; auto: cuda when "
-                                                   "available.")
-    scoring_precision: ScoringPrecision = Field(
-        "auto", description="Precision of the SFT model that scores likelihood (rbar, which the trust filter "
-        "compares). fp32: fp32 weights; bf16-weights-fp32-softmax: bf16 weights and activations, log-softmax and "
-        "sums in fp32 (half the memory, tensor-core math); auto: bf16 on a CUDA GPU with native bf16, fp32 "
-        "elsewhere. How often bf16 flips the trust filter's decision: docs/operations.md, Scoring precision.")
 
     @model_validator(mode="after")
     def _some_weight(self) -> "ReflectConfig":
@@ -195,7 +202,7 @@ class TrainConfig(StageConfig):
         return self
 
 
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(ScoringConfig):
     """Evaluation: preference accuracy, answer accuracy, held-out likelihood change, and optionally a standard
     benchmark's accuracy."""
 
@@ -206,13 +213,6 @@ class EvaluateConfig(StageConfig):
     max_questions: int = Field(0, ge=0, description="Cap on held-out questions (0: all).")
     max_model_len: int = Field(4096, ge=128, description="Engine context length (prompt + answer).")
     batch_size: int = Field(8, ge=1, description="Sequences per likelihood forward.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where likelihoods are scored; auto: cuda "
-                                                   "when available.")
-    scoring_precision: ScoringPrecision = Field(
-        "auto", description="Precision of the models whose likelihoods are scored (rbar: preference accuracy, "
-        "answer_logp). fp32: fp32 weights; bf16-weights-fp32-softmax: bf16 weights and activations, log-softmax and "
-        "sums in fp32; auto: bf16 on a CUDA GPU with native bf16, fp32 elsewhere (docs/operations.md, Scoring "
-        "precision).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Generation seed.")
     benchmark: str = Field("", description="A standard benchmark to answer too: the folder or s3:// prefix of a "
                            "local copy in its published layout (`benchmark_layout`); its accuracy, overall and per "
