@@ -197,7 +197,8 @@ def evaluate(run: Run, model: str, name: str) -> None:
 
 
 def rounds(run: Run) -> None:
-    """The pipeline flow through Prefect (a temporary server under --out) for --rounds rounds."""
+    """The pipeline flow through Prefect (a temporary server under --out) for --rounds rounds; its evaluation gate
+    decides each round's model, and every later round starts from the promoted one."""
     from leanpo_core import launch
 
     config = {"manifest": str(world_manifest(run)), "root": run.path("rounds"), "rounds": run.args.rounds,
@@ -226,8 +227,22 @@ def _relative(path: str) -> str:
         return path
 
 
+def _gate_verdicts(run: Run) -> dict[str, str]:
+    """{model id: "promoted" | "rejected: <reason>" | "registered"} from the rounds' registry (the gate's record)."""
+    from leanpo_core.layout import RunLayout
+    from leanpo_core.registry import Registry
+
+    registry = RunLayout(run.path("rounds")).registry
+    if not io.exists(registry):
+        return {}
+    state = Registry(registry).state()
+    promoted = {e["model_id"] for e in state.events if e["event"] == "promoted"}
+    return {model_id: "promoted" if model_id in promoted else f"rejected: {model['rejected']['reason']}"
+            if model["rejected"] else "registered" for model_id, model in state.models.items()}
+
+
 def round_results(run: Run) -> list[dict]:
-    out = []
+    out, verdicts = [], _gate_verdicts(run)
     for index in range(run.args.rounds):
         records = sorted((run.out / "rounds" / f"round-{index}" / "train").glob("*/published.json"))
         if not records:
@@ -242,7 +257,8 @@ def round_results(run: Run) -> list[dict]:
                     "after": after["value"], "n": after["n"], "ci_low": after["ci_low"], "ci_high": after["ci_high"],
                     "delta": change["value"] if change else math.nan,
                     "delta_ci_low": change["ci_low"] if change else math.nan,
-                    "delta_ci_high": change["ci_high"] if change else math.nan})
+                    "delta_ci_high": change["ci_high"] if change else math.nan,
+                    "gate": verdicts.get(published["run_id"], "not gated")})
     return out
 
 
@@ -410,11 +426,13 @@ def report(data: dict, pngs: list[str]) -> str:
               f"{fmt(arms[GATE_ON])} (one seed for the forced gate).", "", f"![accuracy per arm]({pngs[1]})", ""]
     if data["rounds"]:
         lines += ["## Self-improvement rounds (the pipeline flow)", "",
-                  "| round | accuracy before | after [95% CI] | change [95% CI] |", "|---|---|---|---|"]
+                  "Each round after the first starts from the gate's current (promoted) model.", "",
+                  "| round | accuracy before | after [95% CI] | change [95% CI] | gate |", "|---|---|---|---|---|"]
         for r in data["rounds"]:
             lines.append(f"| {r['round']} | {r['before']:.3f} | "
                          f"{stats.format_interval(r['after'], r['ci_low'], r['ci_high'], r['n'])} | "
-                         f"{stats.format_interval(r['delta'], r['delta_ci_low'], r['delta_ci_high'], points=True)} |")
+                         f"{stats.format_interval(r['delta'], r['delta_ci_low'], r['delta_ci_high'], points=True)} | "
+                         f"{r.get('gate', '')} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -34,3 +34,22 @@ def test_smoke_runs_every_arm_and_writes_the_results(tmp_path):
     assert "## Plan (fixed before training" in report and "| leanpo | 1 |" in report
     assert (results / "toy_world_displacement.png").stat().st_size > 0
     assert (results / "toy_world_accuracy.png").stat().st_size > 0
+
+
+def test_rounds_report_the_gate_verdict_of_each_round(tmp_path):
+    """The experiment's rounds table reads each round's verdict from the registry the pipeline's gate writes."""
+    from types import SimpleNamespace
+
+    from experiments.toy_world import _gate_verdicts
+    from leanpo_core.registry import Registry
+
+    run = SimpleNamespace(path=lambda *parts: str(tmp_path.joinpath(*parts)))
+    assert _gate_verdicts(run) == {}
+    registry = Registry(str(tmp_path / "rounds" / "registry"))
+    for name in ("r0", "r1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        registry.register(name, str(tmp_path / name), reason="trained")
+    registry.promote("production", "r0", "gate: +2 pp")
+    registry.reject("r1", "gate: -1 pp", alias="production")
+    assert _gate_verdicts(run) == {"r0": "promoted", "r1": "rejected: gate: -1 pp"}
