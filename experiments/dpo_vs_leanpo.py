@@ -348,14 +348,7 @@ def plot(run: Run, results: Path) -> list[str]:
                                (names[1], "displacement", "change of mean token log-likelihood vs SFT")):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
         for ax, objective in zip(axes, OBJECTIVES):
-            rows = data[objective]
-            steps = [r["step"] for r in rows]
-            for side, colour in (("chosen", "tab:blue"), ("rejected", "tab:red")):
-                values = [math.nan if r.get(f"{prefix}/{side}") is None else r[f"{prefix}/{side}"] for r in rows]
-                ax.plot(steps, values, color=colour, lw=1, alpha=0.3)
-                ax.plot(steps, running_mean(values, 5), color=colour, lw=2, label=f"{side} (running mean of 5)")
-            if prefix == "displacement":
-                ax.axhline(0, color="black", lw=0.8)
+            plot_sides(ax, data[objective], prefix, zero_line=prefix == "displacement")
             ax.set_title(f"{objective}: {title}", fontsize=10)
             ax.set_xlabel("optimiser step")
             ax.grid(alpha=0.3)
@@ -365,6 +358,17 @@ def plot(run: Run, results: Path) -> list[str]:
         fig.savefig(results / png, dpi=90)
         plt.close(fig)
     return names
+
+
+def plot_sides(ax, rows: list[dict], prefix: str, zero_line: bool) -> None:
+    """Chosen (blue) and rejected (red) `<prefix>/<side>` per optimiser step: raw, and a running mean of 5."""
+    steps = [r["step"] for r in rows]
+    for side, colour in (("chosen", "tab:blue"), ("rejected", "tab:red")):
+        values = [math.nan if r.get(f"{prefix}/{side}") is None else r[f"{prefix}/{side}"] for r in rows]
+        ax.plot(steps, values, color=colour, lw=1, alpha=0.3)
+        ax.plot(steps, running_mean(values, 5), color=colour, lw=2, label=f"{side} (running mean of 5)")
+    if zero_line:
+        ax.axhline(0, color="black", lw=0.8)
 
 
 def running_mean(values: list[float], size: int) -> list[float]:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.dpo_vs_leanpo import Run, _stop, machine, running_mean, versions
+from experiments.dpo_vs_leanpo import Run, _stop, machine, plot_sides, versions
 from leanpo_core import io, schemas, stats, toyworld
 from leanpo_core.evaluate import answer_match, answers_uri
 from leanpo_core.pairs import pair_row
@@ -318,13 +318,7 @@ def plot(run: Run, results: Path) -> list[str]:
     names = [f"{NAME}_displacement.png", f"{NAME}_accuracy.png"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, arm in zip(axes, ("dpo", "leanpo")):
-        rows = train_curves(run, arm, 0)
-        steps = [r["step"] for r in rows]
-        for side, colour in (("chosen", "tab:blue"), ("rejected", "tab:red")):
-            values = [math.nan if r.get(f"displacement/{side}") is None else r[f"displacement/{side}"] for r in rows]
-            ax.plot(steps, values, color=colour, lw=1, alpha=0.3)
-            ax.plot(steps, running_mean(values, 5), color=colour, lw=2, label=f"{side} (running mean of 5)")
-        ax.axhline(0, color="black", lw=0.8)
+        plot_sides(ax, train_curves(run, arm, 0), "displacement", zero_line=True)
         ax.set_title(f"{arm}: mean token log-likelihood minus the SFT model's", fontsize=9)
         ax.set_xlabel("optimiser step")
         ax.grid(alpha=0.3)
