@@ -175,6 +175,12 @@ class TrainConfig(StageConfig):
                                  "the prompt and its video tokens read once (exact: same loss and gradients as two "
                                  "sequences). Needs attention that takes a 4-D mask (sdpa, eager); with "
                                  "flash_attention_2/3 the trainer uses two sequences per pair and says so.")
+    pack_tokens: int = Field(0, ge=0, description="With prefix sharing: pack a micro-batch's pairs, in order, into "
+                             "rows of up to this many tokens (a block mask per pair; exact like prefix sharing), so "
+                             "short pairs fill the padding of long ones. 0: one row per pair. Off by default: the "
+                             "trainer's length-grouped micro-batches leave little padding (0.4% on the demo's "
+                             "pairs) and a packed row's dense mask grows with its length squared "
+                             "(bench/results/packing.md).")
     freeze_vision: bool = Field(True, description="Freeze the vision tower and projector.")
     vision_feature_cache_mib: int = Field(2048, ge=0, description="CPU memory (MiB) for the frozen vision tower's "
                                           "output per video, computed once and reused by later epochs (0: off; "

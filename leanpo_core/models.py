@@ -342,6 +342,11 @@ def is_per_token(key: str) -> bool:
     return key in _PAD
 
 
+def padding_value(key: str, pad_id: int = 0) -> int:
+    """What right-pads per-token input `key` (input_ids: `pad_id`; labels: IGNORE_INDEX; masks and types: 0)."""
+    return pad_id if _PAD[key] is None else _PAD[key]
+
+
 def collate(items: list[dict], pad_id: int) -> dict:
     """Right-pad per-token tensors of single-sequence `encode` outputs to one batch; stack the vision tensors.
 
@@ -354,8 +359,8 @@ def collate(items: list[dict], pad_id: int) -> dict:
     for key in items[0]:
         tensors = [item[key] for item in items]
         if key in _PAD:
-            fill = pad_id if _PAD[key] is None else _PAD[key]
-            tensors = [torch.nn.functional.pad(t, (0, length - t.shape[1]), value=fill) for t in tensors]
+            tensors = [torch.nn.functional.pad(t, (0, length - t.shape[1]), value=padding_value(key, pad_id))
+                       for t in tensors]
         batch[key] = torch.cat(tensors, dim=0)
     return batch
 

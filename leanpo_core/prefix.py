@@ -23,6 +23,8 @@ the trainer falls back to the vision-once path.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from leanpo_core import logps, models
@@ -75,16 +77,25 @@ def attention_mask(lengths: Tensor, length: int, implementation: str) -> Tensor:
     Boolean (True: attend) for SDPA, additive fp32 (0 or the fp32 minimum) for eager attention. Padding queries
     see the real keys (never an empty row, which would give NaN); their outputs are not read.
     """
+    return for_implementation(allowed_keys(lengths, length), implementation)
+
+
+def allowed_keys(lengths: Tensor, length: int) -> Tensor:
+    """(B, 1, L, L) boolean `attention_mask` of joined rows (True: the query attends to the key)."""
     prompt, chosen, rejected = (lengths[:, i, None, None] for i in range(3))
     index = torch.arange(length, device=lengths.device)
     query, key = index[None, :, None], index[None, None, :]
     chosen_end = prompt + chosen
     allowed = (key <= query) & (key < chosen_end + rejected)
     allowed &= ~((query >= chosen_end) & (key >= prompt) & (key < chosen_end))
-    allowed = allowed[:, None]
+    return allowed[:, None]
+
+
+def for_implementation(allowed: Tensor, implementation: str) -> Tensor:
+    """A boolean mask as the attention implementation takes it: as is (sdpa) or additive fp32 (eager)."""
     if implementation == "sdpa":
         return allowed
-    return torch.zeros(allowed.shape, dtype=torch.float32, device=lengths.device).masked_fill(
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(torch.float32).min)
 
 
@@ -113,21 +124,94 @@ def score_index(labels: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor
     return rows, hidden_pos, targets, rows + is_rejected.long() * labels.shape[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Where each joined row of a batch goes when several pairs share one row: pair b's P + C + R tokens start at
+    `offsets[b]` of packed row `rows[b]`; rows are `length` long. Pairs keep the batch order, so a packed row meets
+    its videos' placeholders in the order the vision inputs come in (no reordering of pixels or cached features)."""
+
+    rows: list[int]
+    offsets: list[int]
+    sizes: list[int]
+    length: int
+
+    @classmethod
+    def plan(cls, sizes: list[int], max_tokens: int) -> "Packing":
+        """Next fit in batch order: a pair starts a new row when it would take the current one past `max_tokens`
+        (a row holds at least one pair, so a pair longer than `max_tokens` gets a row of its own)."""
+        rows, offsets, row, used = [], [], 0, 0
+        for size in sizes:
+            if used and used + size > max_tokens:
+                row, used = row + 1, 0
+            rows.append(row)
+            offsets.append(used)
+            used += size
+        return cls(rows, offsets, list(sizes), max(o + n for o, n in zip(offsets, sizes)))
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows[-1] + 1
+
+    def tokens(self, value: Tensor, fill: int | float) -> Tensor:
+        """(..., B, L) per-token values of the joined rows -> (..., rows, length), `fill` in the padding."""
+        out = value.new_full((*value.shape[:-2], self.num_rows, self.length), fill)
+        for b, (row, start, size) in enumerate(zip(self.rows, self.offsets, self.sizes)):
+            out[..., row, start:start + size] = value[..., b, :size]
+        return out
+
+    def mask(self, allowed: Tensor) -> Tensor:
+        """(B, 1, L, L) boolean masks of the joined rows -> (rows, 1, length, length): each pair's block on the
+        diagonal, nothing across pairs; a padding query attends to itself only (its output is not read)."""
+        eye = torch.eye(self.length, dtype=torch.bool, device=allowed.device)
+        out = eye.expand(self.num_rows, 1, self.length, self.length).clone()
+        for b, (row, start, size) in enumerate(zip(self.rows, self.offsets, self.sizes)):
+            end = start + size
+            out[row, 0, start:end, start:end] = allowed[b, 0, :size, :size]
+        return out
+
+    def index(self, rows: Tensor, hidden_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """(row, position) of joined-row hidden positions in the packed rows."""
+        packed_row = torch.tensor(self.rows, device=rows.device)[rows]
+        return packed_row, torch.tensor(self.offsets, device=rows.device)[rows] + hidden_pos
+
+    def padding_share(self) -> float:
+        """Share of the packed rows' positions that hold no token."""
+        return 1 - sum(self.sizes) / (self.num_rows * self.length)
+
+
+def padding_share(lengths: Tensor, length: int) -> float:
+    """Share of B joined rows' positions (right-padded to `length`) that hold no token."""
+    return 1 - int(lengths.sum()) / (lengths.shape[0] * length)
+
+
 def pair_logps(model, adapter: models.FamilyAdapter | None, batch: dict, chunk_size: int = 0,
-               features=None) -> tuple[Tensor, Tensor]:
+               features=None, pack_tokens: int = 0) -> tuple[Tensor, Tensor]:
     """(sums, counts) of response log-probs, each (2B,), chosen rows first, from B joined rows: the vision tower
     once per pair (or never: `features`, its output when already computed), the prompt once per pair, logits only
-    at response positions. adapter None: text-only pairs of a causal LM (`AutoModelForCausalLM`)."""
+    at response positions. adapter None: text-only pairs of a causal LM (`AutoModelForCausalLM`).
+
+    `pack_tokens` > 0: the language model reads the pairs packed into rows of up to that many tokens
+    (`Packing`, block-diagonal masks, each pair's positions as in its own row), so short pairs fill the padding of a
+    batch instead of leaving it empty. The values are those of the unpacked rows up to float summation order.
+    """
     lengths, ids = batch[LENGTHS], batch["input_ids"]
     implementation = getattr(models.unwrap(model).config, "_attn_implementation", None) or "eager"
-    mask = attention_mask(lengths.to(ids.device), ids.shape[1], implementation)
+    allowed = allowed_keys(lengths.to(ids.device), ids.shape[1])
     position_ids = positions(model, adapter, batch, lengths)
+    rows, hidden_pos, targets, sequences = score_index(batch["labels"], lengths)
+    if pack_tokens:
+        packing = Packing.plan(lengths.sum(1).tolist(), pack_tokens)
+        batch = {k: packing.tokens(v, models.padding_value(k)) if models.is_per_token(k) else v
+                 for k, v in batch.items()}
+        allowed, position_ids = packing.mask(allowed), packing.tokens(position_ids, 0)
+        rows, hidden_pos = packing.index(rows, hidden_pos)
+        ids = batch["input_ids"]
+    mask = for_implementation(allowed, implementation)
     if adapter is None:
         hidden = models.unwrap(model).model(input_ids=ids, attention_mask=mask,
                                             position_ids=position_ids).last_hidden_state
     else:
         hidden = adapter.shared_video_hidden_states(  # reads the model inputs of `batch`, nothing else
             model, batch, copies=1, features=features, attention_mask=mask, position_ids=position_ids)
-    rows, hidden_pos, targets, sequences = score_index(batch["labels"], lengths)
     return logps.scored_logps(hidden, models.output_projection(model), rows, hidden_pos, targets, sequences,
                               2 * lengths.shape[0], chunk_size)

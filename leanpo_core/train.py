@@ -79,16 +79,17 @@ class TrainResult:
 
 
 def pair_logps(model, adapter: models.FamilyAdapter, batch: dict, chunk_size: int = 0,
-               cache: features_mod.FeatureCache | None = None):
+               cache: features_mod.FeatureCache | None = None, pack_tokens: int = 0):
     """Lean path: (sums, counts) of response log-probs, each (2B,), chosen rows first; vision once per pair,
     logits only at response positions; the prompt once per pair too when the batch holds joined rows
     (`pairdata.PairCollator(prefix_sharing=True)`, `prefix.pair_logps`). With a `cache` (frozen tower) and the batch's
-    video ids, a video's features are computed once per process (`features.cached_video_features`)."""
+    video ids, a video's features are computed once per process (`features.cached_video_features`).
+    `pack_tokens`: joined rows packed into rows of up to that many tokens (`prefix.Packing`)."""
     features = None
     if cache is not None and features_mod.VIDEO_IDS in batch:
         features = features_mod.cached_video_features(adapter, model, batch, batch[features_mod.VIDEO_IDS], cache)
     if prefix.LENGTHS in batch:
-        return prefix.pair_logps(model, adapter, batch, chunk_size, features=features)
+        return prefix.pair_logps(model, adapter, batch, chunk_size, features=features, pack_tokens=pack_tokens)
     hidden = adapter.shared_video_hidden_states(model, batch, copies=2, features=features)
     return logps.response_logps(hidden, batch["labels"], models.output_projection(model), chunk_size)
 
@@ -102,13 +103,14 @@ class PairPolicy(torch.nn.Module):
     """
 
     def __init__(self, model, adapter: models.FamilyAdapter, chunk_size: int = 0,
-                 cache: features_mod.FeatureCache | None = None):
+                 cache: features_mod.FeatureCache | None = None, pack_tokens: int = 0):
         super().__init__()
         self.model, self.adapter, self.chunk_size, self.cache = model, adapter, chunk_size, cache
+        self.pack_tokens = pack_tokens
         self.config = models.unwrap(model).config
 
     def forward(self, **batch):
-        return pair_logps(self.model, self.adapter, batch, self.chunk_size, self.cache)
+        return pair_logps(self.model, self.adapter, batch, self.chunk_size, self.cache, self.pack_tokens)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.model.gradient_checkpointing_enable(**kwargs)
@@ -229,7 +231,8 @@ class PreferenceTrainer(Trainer):
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref, _ = pair_logps(self.ref_model, self.adapter, inputs, self.leanpo_config.logits_chunk_size)
+                ref, _ = pair_logps(self.ref_model, self.adapter, inputs, self.leanpo_config.logits_chunk_size,
+                                    pack_tokens=self.leanpo_config.pack_tokens)
         out = objective_loss(self.leanpo_config, sums, counts, inputs, ref)
         if model.training:
             self._pending.append(out.metrics)
@@ -400,7 +403,7 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
         cache = features_mod.FeatureCache(config.vision_feature_cache_mib * 2**20)
     args = _training_arguments(config, output_dir)
     run_id = run_id or Path(output_dir).name
-    policy = PairPolicy(model, adapter, config.logits_chunk_size, cache)
+    policy = PairPolicy(model, adapter, config.logits_chunk_size, cache, config.pack_tokens)
     collator = PairCollator(tokenizer.pad_token_id or 0, sharing, chosen_only=sharing and config.objective == "sft")
     trainer = PreferenceTrainer(model=policy, args=args, train_dataset=dataset, data_collator=collator, leanpo_config=config,
                           adapter=adapter, run_id=run_id, ref_model=ref_model, storage=options)

@@ -164,7 +164,8 @@ def test_pairs_with_different_prompts_are_refused(loaded, video):
 
 
 def test_training_with_and_without_prefix_sharing_agree(pair_data, toy_dirs, tmp_path, monkeypatch):
-    """`train.train` (3 steps of 2 pairs, LeanPO): the same losses and exported weights either way.
+    """`train.train` (3 steps of 2 pairs, LeanPO): the same losses and exported weights with prefix sharing, without
+    it, and with the step's two pairs packed into one row.
 
     Step 1 starts from the same weights, so its loss agrees to 1e-5; later steps follow weights moved by Adam, which
     normalises per-parameter noise of ~1e-7 in near-zero gradients to ~lr, hence 1e-4 (as between ZeRO stages).
@@ -172,20 +173,24 @@ def test_training_with_and_without_prefix_sharing_agree(pair_data, toy_dirs, tmp
     from leanpo_core import io, schemas
 
     runs, calls, original = {}, [], prefix.pair_logps
-    monkeypatch.setattr(prefix, "pair_logps", lambda *a, **k: calls.append(1) or original(*a, **k))
-    for sharing in (True, False):
-        config = _config(toy_dirs["llava_onevision"], prefix_sharing=sharing)
+    monkeypatch.setattr(prefix, "pair_logps", lambda *a, **k: calls.append(k.get("pack_tokens")) or original(*a, **k))
+    for sharing, pack in ((True, 0), (False, 0), (True, 4096)):  # 4096: both pairs of a step in one packed row
+        config = _config(toy_dirs["llava_onevision"], prefix_sharing=sharing, pack_tokens=pack)
         calls.clear()
-        result = train.train(config, *pair_data, str(tmp_path / str(sharing)))
-        assert len(calls) == (3 if sharing else 0)  # one joined forward per step, only when on
+        result = train.train(config, *pair_data, str(tmp_path / f"{sharing}-{pack}"))
+        assert calls == ([pack] * 3 if sharing else [])  # one joined forward per step, only when on
         table = io.read_table(result.metrics_uri, schemas.TRAIN_METRICS)
-        runs[sharing] = (table.column("loss").to_pylist(), models.load_model(result.model_dir)[0].state_dict())
-    (shared_losses, shared), (plain_losses, plain) = runs[True], runs[False]
-    assert TrainConfig(model="x").prefix_sharing  # on by default
+        runs[sharing, pack] = (table.column("loss").to_pylist(), models.load_model(result.model_dir)[0].state_dict())
+    (shared_losses, shared), (plain_losses, plain) = runs[True, 0], runs[False, 0]
+    assert TrainConfig(model="x").prefix_sharing and not TrainConfig(model="x").pack_tokens  # the defaults
     assert len(shared_losses) == 3 and abs(shared_losses[0] - plain_losses[0]) < 1e-5
     assert shared_losses == pytest.approx(plain_losses, rel=1e-4)
     for key in plain:
         torch.testing.assert_close(shared[key], plain[key], atol=1e-4, rtol=0, msg=key)
+    packed_losses, packed = runs[True, 4096]
+    assert abs(packed_losses[0] - shared_losses[0]) < 1e-5 and packed_losses == pytest.approx(shared_losses, rel=1e-4)
+    for key in shared:
+        torch.testing.assert_close(packed[key], shared[key], atol=1e-4, rtol=0, msg=key)
 
 
 def test_sft_runs_the_chosen_side_only(loaded, video):
@@ -234,5 +239,72 @@ def test_text_only_pairs_of_a_causal_lm(tmp_path):
     assert torch.equal(shared[1], once[1])
     torch.testing.assert_close(shared[0], once[0], atol=1e-5, rtol=0)
     grads = [_trainable_grads(model, out[0].sum()) for out in (shared, once)]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_packing_plan_and_layout_by_hand():
+    """Pairs of 5, 3, 4 and 9 tokens into rows of up to 8: [5, 3], [4], [9] (a longer pair gets a row alone)."""
+    packing = prefix.Packing.plan([5, 3, 4, 9], max_tokens=8)
+    assert (packing.rows, packing.offsets, packing.length, packing.num_rows) == ([0, 0, 1, 2], [0, 5, 0, 0], 9, 3)
+    assert packing.padding_share() == pytest.approx(1 - 21 / 27)
+    assert prefix.padding_share(torch.tensor([[3, 1, 1], [1, 1, 1], [2, 1, 1], [7, 1, 1]]), 9) == pytest.approx(
+        1 - 21 / 36)
+    lengths = torch.tensor([[1, 1, 1], [1, 1, 0]])  # 3 and 2 tokens, padded to 3
+    values = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    two = prefix.Packing.plan([3, 2], max_tokens=8)
+    assert two.tokens(values, -1).tolist() == [[1, 2, 3, 4, 5]]
+    assert two.tokens(values[None].expand(3, 2, 3), 0).shape == (3, 1, 5)  # M-RoPE positions keep their axis
+    mask = two.mask(prefix.allowed_keys(lengths, 3))[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0],
+                    [1, 0, 1, 0, 0],  # pair 0's rejected token: prompt and itself
+                    [0, 0, 0, 1, 0],  # pair 1 sees nothing of pair 0
+                    [0, 0, 0, 1, 1]]
+    rows, pos = two.index(torch.tensor([0, 1]), torch.tensor([1, 0]))
+    assert (rows.tolist(), pos.tolist()) == ([0, 0], [1, 3])
+
+
+def _two_clip_items(processor, adapter, video):
+    """Three pairs of different lengths over two different clips (so a mix-up of videos in a packed row shows)."""
+    frames, meta = video
+    items = []
+    for start, (question, chosen, rejected) in zip((0, 4, 0), [*TEXTS, ("Is it?", " yes", " no it is not")]):
+        clip = frames[start:start + 4]
+        clip_meta = models.video_metadata(clip, fps=meta["fps"], frames_indices=meta["frames_indices"][start:start + 4],
+                                          total_num_frames=meta["total_num_frames"])
+        prompt = adapter.build_prompt(processor, question)
+        items.append({side: adapter.encode(processor, clip, prompt, text, meta=clip_meta)
+                      for side, text in (("chosen", chosen), ("rejected", rejected))}
+                     | {"chosen_baseline": -2.0, "rejected_baseline": -3.0})
+    return items
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_pairs_equal_one_row_per_pair(family, toy_dirs, video):
+    """Three pairs packed into two rows (two pairs share one): the unpacked joined rows' sums, counts and gradients
+    (1e-5, fp32)."""
+    model, processor, adapter = _fresh(toy_dirs, family, lora=False, checkpointing=False)
+    items = _two_clip_items(processor, adapter, video)
+    _, joined = _batches(processor, items)
+    sizes = joined[prefix.LENGTHS].sum(1).tolist()
+    budget = sizes[0] + sizes[1]
+    packing = prefix.Packing.plan(sizes, budget)
+    assert packing.num_rows == 2 and packing.rows == [0, 0, 1]
+    shapes = []
+    hook = models.unwrap(model).model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    try:
+        packed = train.pair_logps(model, adapter, joined, chunk_size=7, pack_tokens=budget)
+        plain = train.pair_logps(model, adapter, joined, chunk_size=7)
+    finally:
+        hook.remove()
+    assert shapes == [(2, packing.length), (3, joined["input_ids"].shape[1])]
+    assert torch.equal(packed[1], plain[1])
+    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=0)
+    config = TrainConfig(model="x", smoothing_threshold=math.inf)
+    grads = [_trainable_grads(model, train.objective_loss(config, *out, joined).loss) for out in (
+        train.pair_logps(model, adapter, joined, pack_tokens=budget), train.pair_logps(model, adapter, joined))]
+    assert grads[0] and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=0, msg=name)
