@@ -117,6 +117,10 @@ class ScoringConfig(StageConfig):
         "bf16 weights and activations, log-softmax and sums in fp32 (half the memory, tensor-core math); auto: bf16 "
         "on a CUDA GPU with native bf16, fp32 elsewhere. How often bf16 flips the trust filter's decision: "
         "docs/operations.md, Scoring precision.")
+    vision_feature_cache_mib: int = Field(2048, ge=0, description="CPU memory (MiB) for the scored model's vision "
+                                          "output per video (key and frame indices): every response scored on a "
+                                          "video after the first reuses it, so the tower runs once per video, not "
+                                          "once per response (0: off).")
 
 
 class ReflectConfig(ScoringConfig):

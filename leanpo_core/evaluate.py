@@ -51,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from leanpo_core import benchmarks, frames, io, prompts, reflect, schemas, scoring, stagecli, stats, synthetic
+from leanpo_core import (benchmarks, features, frames, io, prompts, reflect, schemas, scoring, stagecli, stats,
+                         synthetic)
 from leanpo_core.config import EvaluateConfig
 from leanpo_core.layout import RunLayout, table_arguments
 
@@ -111,7 +112,8 @@ def heldout_pairs(pairs_uri: str, store: frames.FrameStore, options: io.StorageO
         for side in ("chosen", "rejected"):
             indices = pair[f"{side}_frame_indices"]
             pixels = _select(clip, row, indices)
-            items.append({"id": pair["id"], "question": pair["prompt"], "response": pair[side], "frames": pixels,
+            items.append({"id": pair["id"], "video_key": pair["video_key"], "question": pair["prompt"],
+                          "response": pair[side], "frames": pixels,
                           "meta": frames.frames_metadata(row, pixels, indices),
                           "finish_reason": pair[f"{side}_finish_reason"]})
     return items, {"pairs_kept": len(pairs), "missing_frames": missing}
@@ -130,7 +132,8 @@ def heldout_questions(videos_uri: str, store: frames.FrameStore, config: Evaluat
         if keys[r["video"]] not in loaded:
             continue
         clip, row = loaded[keys[r["video"]]]
-        items.append({"id": r["id"], "question": r["question"], "response": r["answer"], "answer": r["answer"],
+        items.append({"id": r["id"], "video_key": keys[r["video"]], "question": r["question"],
+                      "response": r["answer"], "answer": r["answer"],
                       "source": r["source"] or "", "frames": clip, "meta": frames.frames_metadata(row, clip),
                       "finish_reason": "stop"})
     return items, {"questions": len(rows), "missing_frames": len(rows) - len(items)}
@@ -142,7 +145,9 @@ def score(model_dir: str, items: list[dict], config: EvaluateConfig) -> list[flo
         return []
     model, processor, adapter = scoring.load_scoring_model(model_dir, config.scoring_precision, config.device)
     try:
-        return [mean for mean, _ in reflect.sft_scores(model, processor, adapter, items, config.batch_size)]
+        cache = features.FeatureCache(config.vision_feature_cache_mib * 2**20) if config.vision_feature_cache_mib \
+            else None  # one per loaded model: the cache is keyed by the model object
+        return [mean for mean, _ in reflect.sft_scores(model, processor, adapter, items, config.batch_size, cache)]
     finally:
         del model
         reflect.free_memory()

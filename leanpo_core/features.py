@@ -7,7 +7,8 @@ CPU (a GPU's memory goes to the step), least recently used first out past `max_b
 device when used. Sizes per video: tokens x hidden x bytes, e.g. Qwen2-VL-7B at 32 frames of 448x448 is 16 x 256
 tokens x 3584 x 2 bytes (bf16) = 29 MiB, so a 2 GiB cache holds ~70 such videos; the toy models' are a few KiB.
 
-The cache lives in one process (training's; each rank has its own). A tower that trains must not use it: the
+The cache lives in one process and serves one model (training's, each rank its own; the reflect and evaluate
+stages' likelihood passes, one per loaded model: `reflect.sft_scores`). A tower that trains must not use it: the
 trainer builds none unless `freeze_vision` holds, nor under ZeRO-3, where running the tower is a collective (its
 partitioned weights are gathered from every rank) and ranks whose caches differ would wait on each other forever.
 

@@ -26,7 +26,7 @@ import hashlib
 import re
 import string
 
-from leanpo_core import frames, io, models, prompts, schemas, scoring, sharding, stagecli
+from leanpo_core import features, frames, io, models, prompts, schemas, scoring, sharding, stagecli
 from leanpo_core.config import ReflectConfig
 from leanpo_core.layout import table_arguments
 
@@ -83,22 +83,36 @@ def scoring_batches(processor, adapter, items: list[dict], batch_size: int, devi
             yield chunk, {k: v.to(device) for k, v in models.collate(encoded, pad_id).items()}
 
 
-def sft_scores(model, processor, adapter, items: list[dict], batch_size: int) -> list[tuple[float, int]]:
+def video_id(item: dict) -> str | None:
+    """What identifies an item's frames for the feature cache: its video key and frame indices (None: unknown)."""
+    key, indices = item.get("video_key"), (item.get("meta") or {}).get("frames_indices")
+    return None if key is None or indices is None else f"{key}@{','.join(map(str, indices))}"
+
+
+def sft_scores(model, processor, adapter, items: list[dict], batch_size: int,
+               cache: features.FeatureCache | None = None) -> list[tuple[float, int]]:
     """(mean token log-prob, tokens scored) of each item's response under `model`, in `items` order.
 
     Inputs as `scoring_batches` makes them. The model may hold bf16 weights (`scoring.load_scoring_model`): the
     log-softmax and the per-response sums run in fp32 either way (`logps.token_logps`), so rbar is an fp32 number
-    computed from bf16 logits.
+    computed from bf16 logits. With a `cache` (one per loaded model: it is keyed by the model object), the vision
+    tower runs once per video (`video_id`) across all calls, the features of a video seen before are reused.
     """
     import torch
 
-    from leanpo_core.logps import model_response_logps
+    from leanpo_core import logps
 
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = [(float("nan"), 0)] * len(items)
     with torch.no_grad():
         for chunk, batch in scoring_batches(processor, adapter, items, batch_size, device):
-            sums, counts = model_response_logps(model, batch)
+            ids = [video_id(items[i]) for i in chunk]
+            if cache is not None and all(ids):
+                cached = features.cached_video_features(adapter, model, batch, ids, cache)
+                hidden = adapter.shared_video_hidden_states(model, batch, copies=1, features=cached)
+                sums, counts = logps.response_logps(hidden, batch["labels"], models.output_projection(model))
+            else:
+                sums, counts = logps.model_response_logps(model, batch)
             for i, total, count in zip(chunk, sums.float().tolist(), counts.tolist()):
                 out[i] = (total / count if count else float("nan"), int(count))
     return out
@@ -259,9 +273,11 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
     with Progress(disable=not progress) as bar:
         task = bar.add_task("reflect: scoring shards", total=len(pending) * (2 if config.judge else 1))
         model, processor, adapter = load_scorer(config, sample_model)
+        cache = features.FeatureCache(config.vision_feature_cache_mib * 2**20) if config.vision_feature_cache_mib \
+            else None
         for i in pending:
             items, failures = prepare(i)
-            sft = sft_scores(model, processor, adapter, items, config.batch_size)
+            sft = sft_scores(model, processor, adapter, items, config.batch_size, cache)
             if config.judge:
                 sft_by_shard[i] = sft
                 size = sum({id(it["frames"]): it["frames"].nbytes for it in items}.values())

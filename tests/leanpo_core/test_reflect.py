@@ -126,6 +126,39 @@ def test_batched_scores_equal_naive_full_logits(family, loaded, video):
     assert got[2][1] == len(processor.tokenizer("the square moves", add_special_tokens=False)["input_ids"])
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next_video", "llava_onevision"])
+def test_feature_cache_runs_the_tower_once_per_video(family, loaded, video, monkeypatch):
+    """With a feature cache, five responses on two videos (over two calls, as over two shards) run the vision tower
+    on two videos in all, and score what recomputation scores (1e-6)."""
+    from leanpo_core import features
+
+    from .test_train import _count_videos
+
+    model, processor, adapter = loaded(family)
+    frames, meta = video
+    clips = {}
+    for key, start in (("a", 0), ("b", 4)):
+        clip = frames[start:start + 4]
+        clips[key] = (clip, models.video_metadata(clip, fps=meta["fps"],
+                                                  frames_indices=meta["frames_indices"][start:start + 4],
+                                                  total_num_frames=meta["total_num_frames"]))
+    items = [{"video_key": key, "frames": clips[key][0], "meta": clips[key][1], "question": q, "response": r,
+              "finish_reason": "stop"}
+             for key, q, r in [("a", "What moves?", "a red square"), ("b", "What moves?", "a blue circle moves up"),
+                               ("a", "What colour?", "red"), ("b", "What colour?", "blue"), ("a", "Is it?", "yes")]]
+    want = reflect.sft_scores(model, processor, adapter, items, batch_size=2)
+    cache = features.FeatureCache(2**30)
+    seen = _count_videos(models.unwrap(model), monkeypatch)
+    got = reflect.sft_scores(model, processor, adapter, items[:3], batch_size=2, cache=cache)
+    got += reflect.sft_scores(model, processor, adapter, items[3:], batch_size=2, cache=cache)
+    # batches [a, b] and [a], then [b, a]: one tower call for both videos, every later look-up a hit
+    assert len(seen) == 1 and (cache.misses, cache.hits, len(cache)) == (2, 3, 2)
+    for (mean, count), (want_mean, want_count) in zip(got, want):
+        assert count == want_count and mean == pytest.approx(want_mean, abs=1e-6)
+    assert reflect.video_id(items[0]) == f"a@{','.join(map(str, meta['frames_indices'][:4]))}"
+    assert reflect.video_id({"frames": frames, "meta": meta}) is None  # no key: scored without the cache
+
+
 def test_stage_scores_ranks_and_matches_naive_logps(tmp_path, toy_dirs, video, loaded):
     config = ReflectConfig(judge=False, sft_logp_weight=0.5, batch_size=3)
     layout = write_run(str(tmp_path), video)
