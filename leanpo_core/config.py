@@ -121,6 +121,11 @@ class ScoringConfig(StageConfig):
                                           "output per video (key and frame indices): every response scored on a "
                                           "video after the first reuses it, so the tower runs once per video, not "
                                           "once per response (0: off).")
+    prefix_sharing: bool = Field(True, description="Score the responses to one question on one clip (reflect: the "
+                                 "2K candidates; evaluate: a pair's two sides) as ONE sequence [prompt | r1 | ... | "
+                                 "rn], the prompt and its video tokens read once (exact up to float summation "
+                                 "order). Needs attention that takes a 4-D mask (sdpa, eager); otherwise one "
+                                 "sequence per response.")
 
 
 class ReflectConfig(ScoringConfig):

@@ -147,7 +147,8 @@ def score(model_dir: str, items: list[dict], config: EvaluateConfig) -> list[flo
     try:
         cache = features.FeatureCache(config.vision_feature_cache_mib * 2**20) if config.vision_feature_cache_mib \
             else None  # one per loaded model: the cache is keyed by the model object
-        return [mean for mean, _ in reflect.sft_scores(model, processor, adapter, items, config.batch_size, cache)]
+        return [mean for mean, _ in reflect.sft_scores(model, processor, adapter, items, config.batch_size, cache,
+                                                       config.prefix_sharing)]
     finally:
         del model
         reflect.free_memory()

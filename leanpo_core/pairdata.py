@@ -143,12 +143,7 @@ class PairCollator:
             rows = [prefix.join_pair(it["chosen"], None if self.chosen_only else it["rejected"]) for it in items]
         else:
             rows = [it["chosen"] for it in items] + [it["rejected"] for it in items]
-        batch = models.collate([{k: v for k, v in seq.items() if models.is_per_token(k)} for seq in rows],
-                               self.pad_id)
-        videos = rows[:len(items)]  # row b shows pair b's video
-        for key in videos[0]:
-            if not models.is_per_token(key):
-                batch[key] = torch.cat([seq[key] for seq in videos], dim=0)
+        batch = prefix.collate_rows(rows, self.pad_id, videos=rows[:len(items)])  # row b shows pair b's video
         for side in SIDE_INFO:
             batch[side] = torch.tensor([it[side] for it in items], dtype=torch.float64)
         if all(features.VIDEO_IDS in it for it in items):

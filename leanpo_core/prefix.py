@@ -56,19 +56,52 @@ def join_pair(chosen: dict, rejected: dict | None) -> dict:
     `pair_lengths` is (1, 3) = (P, C, R). Without a rejected encoding the row is `[P | C]` and R = 0 (its rejected
     sums and counts come out 0: the SFT objective reads the chosen side only).
     """
-    prompt = prompt_length(chosen)
+    joined = join_responses([chosen] if rejected is None else [chosen, rejected])
     if rejected is None:
-        joined, rejected_len = dict(chosen), 0
-    else:
-        if prompt_length(rejected) != prompt or not torch.equal(chosen["input_ids"][:, :prompt],
-                                                                rejected["input_ids"][:, :prompt]):
-            raise ValueError("a pair's chosen and rejected sequences must start with the same prompt")
-        joined = {key: torch.cat([value, rejected[key][:, prompt:]], dim=1) if models.is_per_token(key) else value
-                  for key, value in chosen.items()}
-        rejected_len = rejected["input_ids"].shape[1] - prompt
-    sizes = (prompt, chosen["input_ids"].shape[1] - prompt, rejected_len)
+        joined[LENGTHS] = torch.cat([joined[LENGTHS], torch.zeros(1, 1, dtype=torch.long)], dim=1)
+    return joined
+
+
+def join_responses(encodings: list[dict]) -> dict:
+    """One row `[P | R1 | ... | Rn]` from the encodings `[P | Ri]` of n responses to the same prompt and video;
+    `pair_lengths` (1, 1 + n) = (P, |R1|, ..., |Rn|). A pair is n = 2 (chosen, rejected)."""
+    first = encodings[0]
+    prompt = prompt_length(first)
+    for other in encodings[1:]:
+        if prompt_length(other) != prompt or not torch.equal(first["input_ids"][:, :prompt],
+                                                             other["input_ids"][:, :prompt]):
+            raise ValueError("responses joined into one row (a pair's chosen and rejected sequences) must start "
+                             "with the same prompt")
+    joined = {key: torch.cat([value, *(e[key][:, prompt:] for e in encodings[1:])], dim=1)
+              if models.is_per_token(key) else value for key, value in first.items()}
+    sizes = (prompt, *(e["input_ids"].shape[1] - prompt for e in encodings))
     joined[LENGTHS] = torch.tensor([sizes], dtype=torch.long)
     return joined
+
+
+def collate_rows(rows: list[dict], pad_id: int, videos: list[dict] | None = None) -> dict:
+    """Rows (single sequences or joined rows) as one batch: per-token tensors right-padded (`models.collate`),
+    `pair_lengths` (B, S) completed with empty responses where rows join fewer, and the per-video inputs of `videos`
+    (default: one per row) concatenated."""
+    batch = models.collate([{k: v for k, v in row.items() if models.is_per_token(k)} for row in rows], pad_id)
+    if LENGTHS in rows[0]:
+        width = max(row[LENGTHS].shape[1] for row in rows)
+        batch[LENGTHS] = torch.cat([torch.nn.functional.pad(row[LENGTHS], (0, width - row[LENGTHS].shape[1]))
+                                    for row in rows])
+    videos = rows if videos is None else videos
+    for key in videos[0]:
+        if key != LENGTHS and not models.is_per_token(key):
+            batch[key] = torch.cat([video[key] for video in videos], dim=0)
+    return batch
+
+
+def _segments(lengths: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """For positions `index` (B, N) of joined rows: (segment: 0 the prompt, s the s-th response, padding counted
+    in the last response; start of that segment), each (B, N)."""
+    ends = lengths.cumsum(1)                                              # (B, S)
+    segment = (index[..., None] >= ends[:, None, :]).sum(-1).clamp(max=lengths.shape[1] - 1)
+    starts = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)
+    return segment, starts.gather(1, segment)
 
 
 def attention_mask(lengths: Tensor, length: int, implementation: str) -> Tensor:
@@ -81,13 +114,14 @@ def attention_mask(lengths: Tensor, length: int, implementation: str) -> Tensor:
 
 
 def allowed_keys(lengths: Tensor, length: int) -> Tensor:
-    """(B, 1, L, L) boolean `attention_mask` of joined rows (True: the query attends to the key)."""
-    prompt, chosen, rejected = (lengths[:, i, None, None] for i in range(3))
+    """(B, 1, L, L) boolean `attention_mask` of joined rows (True: the query attends to the key): causal, real keys
+    only, each response's queries see the prompt and their own response, no other (padding: the last one's)."""
     index = torch.arange(length, device=lengths.device)
+    segment, _ = _segments(lengths, index.expand(lengths.shape[0], length))
     query, key = index[None, :, None], index[None, None, :]
-    chosen_end = prompt + chosen
-    allowed = (key <= query) & (key < chosen_end + rejected)
-    allowed &= ~((query >= chosen_end) & (key >= prompt) & (key < chosen_end))
+    query_segment, key_segment = segment[:, :, None], segment[:, None, :]
+    allowed = (key <= query) & (key < lengths.sum(1)[:, None, None])
+    allowed &= (key_segment == 0) | (key_segment == query_segment)
     return allowed[:, None]
 
 
@@ -101,27 +135,29 @@ def for_implementation(allowed: Tensor, implementation: str) -> Tensor:
 
 def positions(model, adapter: models.FamilyAdapter | None, inputs: dict, lengths: Tensor) -> Tensor:
     """Position ids of joined rows ((B, L), or (3, B, L) for M-RoPE; adapter None: a text-only model): each
-    rejected token numbered as if it followed the prompt directly."""
+    response's tokens numbered as if it followed the prompt directly."""
     plain = (adapter.text_positions(model, inputs) if adapter is not None
              else models.flat_positions(inputs["attention_mask"]))
-    chosen_end = (lengths[:, 0] + lengths[:, 1])[:, None]
-    index = torch.arange(plain.shape[-1], device=plain.device)[None, :]
-    shift = torch.where(index >= chosen_end.to(plain.device), lengths[:, 1, None].to(plain.device), 0)
+    lengths = lengths.to(plain.device)
+    index = torch.arange(plain.shape[-1], device=plain.device).expand(lengths.shape[0], plain.shape[-1])
+    segment, start = _segments(lengths, index)
+    shift = torch.where(segment > 0, start - lengths[:, :1], 0)  # the responses before this one
     return plain - shift.to(plain.dtype)
 
 
 def score_index(labels: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For every scored token of B joined rows: (row, hidden position that predicts it, token, output sequence).
 
-    Output sequences are the two-sequence layout's: b for pair b's chosen tokens, B + b for its rejected ones. The
-    first rejected token is predicted from the prompt's last position (not the chosen response's last token).
+    Output sequences are the separate-sequence layout's: (s - 1) * B + b for the s-th response of row b (a pair:
+    b for its chosen tokens, B + b for its rejected ones). A response's first token is predicted from the prompt's
+    last position (not from the end of the response before it).
     """
     rows, hidden_pos, targets = logps.response_positions(labels)
     lengths = lengths.to(labels.device)
-    prompt, chosen_end = lengths[rows, 0], lengths[rows, 0] + lengths[rows, 1]
-    is_rejected = hidden_pos + 1 >= chosen_end
-    hidden_pos = torch.where(hidden_pos + 1 == chosen_end, prompt - 1, hidden_pos)
-    return rows, hidden_pos, targets, rows + is_rejected.long() * labels.shape[0]
+    segment, start = _segments(lengths[rows], (hidden_pos + 1)[:, None])
+    segment, start = segment[:, 0], start[:, 0]
+    hidden_pos = torch.where(hidden_pos + 1 == start, lengths[rows, 0] - 1, hidden_pos)
+    return rows, hidden_pos, targets, rows + (segment - 1) * labels.shape[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,4 +250,4 @@ def pair_logps(model, adapter: models.FamilyAdapter | None, batch: dict, chunk_s
         hidden = adapter.shared_video_hidden_states(  # reads the model inputs of `batch`, nothing else
             model, batch, copies=1, features=features, attention_mask=mask, position_ids=position_ids)
     return logps.scored_logps(hidden, models.output_projection(model), rows, hidden_pos, targets, sequences,
-                              2 * lengths.shape[0], chunk_size)
+                              (lengths.shape[1] - 1) * lengths.shape[0], chunk_size)

@@ -26,7 +26,7 @@ import hashlib
 import re
 import string
 
-from leanpo_core import features, frames, io, models, prompts, schemas, scoring, sharding, stagecli
+from leanpo_core import features, frames, io, models, prefix, prompts, schemas, scoring, sharding, stagecli
 from leanpo_core.config import ReflectConfig
 from leanpo_core.layout import table_arguments
 
@@ -59,28 +59,51 @@ def judge_outcome(reply: str | None) -> tuple[float | None, str]:
     return score, "ok" if score is not None else "unparsable"
 
 
-def scoring_batches(processor, adapter, items: list[dict], batch_size: int, device):
-    """Yield (item indices, collated batch on `device`): the inputs `sft_scores` scores, at most `batch_size` items
-    of equal frame shape each, right-padded.
+def scoring_batches(processor, adapter, items: list[dict], batch_size: int, device, share_prompt: bool = False):
+    """Yield (slots, collated batch on `device`): the inputs `sft_scores` scores, at most `batch_size` responses
+    of equal frame shape each, right-padded; `slots[j]` is the item whose response is output sequence j (None: an
+    empty place).
 
     Each item: frames, meta, question, response, finish_reason. The prompt is the plain question on the item's
     frames; the end-of-reply token is scored when the response ended by itself, not when it was cut at max_tokens
-    (`models.ended_by_itself`, the trainer's rule too).
+    (`models.ended_by_itself`, the trainer's rule too). Without `share_prompt` each item is one row and slots are
+    the items in batch order. With it, the responses to one prompt on the same frames (a question's 2K candidates;
+    a held-out pair's two sides) are one row `[prompt | r1 | ... | rn]` (`prefix.join_responses`: the prompt and its
+    video tokens are read once), scored by `prefix.pair_logps`, whose output sequence (s - 1) * B + b is the s-th
+    response of row b.
     """
     pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0  # any id: padding is masked, unscored
     order = sorted(range(len(items)), key=lambda i: (items[i]["frames"].shape, i))
     groups = [[i for i in order if items[i]["frames"].shape == shape]
               for shape in dict.fromkeys(items[i]["frames"].shape for i in order)]
+
+    def encode(i: int) -> dict:
+        it = items[i]
+        prompt = adapter.build_prompt(processor, prompts.plain_prompt(it["question"]))
+        return adapter.encode(processor, it["frames"], prompt, it["response"], meta=it["meta"],
+                              add_end=models.ended_by_itself(it["finish_reason"]))
+
     for group in groups:
-        for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
-            encoded = []
-            for i in chunk:
-                it = items[i]
-                prompt = adapter.build_prompt(processor, prompts.plain_prompt(it["question"]))
-                encoded.append(adapter.encode(processor, it["frames"], prompt, it["response"], meta=it["meta"],
-                                              add_end=models.ended_by_itself(it["finish_reason"])))
-            yield chunk, {k: v.to(device) for k, v in models.collate(encoded, pad_id).items()}
+        if not share_prompt:
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                yield chunk, {k: v.to(device) for k, v in models.collate([encode(i) for i in chunk], pad_id).items()}
+            continue
+        same = collections.defaultdict(list)  # one prompt on one clip: question and frames (video id or object)
+        for i in group:
+            same[(items[i]["question"], video_id(items[i]) or id(items[i]["frames"]))].append(i)
+        units = [ids[s:s + batch_size] for ids in same.values() for s in range(0, len(ids), batch_size)]
+        batch_units, count = [], 0
+        for unit in [*units, None]:
+            if batch_units and (unit is None or count + len(unit) > batch_size):
+                width = max(len(u) for u in batch_units)
+                slots = [u[s] if s < len(u) else None for s in range(width) for u in batch_units]
+                rows = [prefix.join_responses([encode(i) for i in u]) for u in batch_units]
+                yield slots, {k: v.to(device) for k, v in prefix.collate_rows(rows, pad_id).items()}
+                batch_units, count = [], 0
+            if unit is not None:
+                batch_units.append(unit)
+                count += len(unit)
 
 
 def video_id(item: dict) -> str | None:
@@ -90,31 +113,40 @@ def video_id(item: dict) -> str | None:
 
 
 def sft_scores(model, processor, adapter, items: list[dict], batch_size: int,
-               cache: features.FeatureCache | None = None) -> list[tuple[float, int]]:
+               cache: features.FeatureCache | None = None, share_prompt: bool = False) -> list[tuple[float, int]]:
     """(mean token log-prob, tokens scored) of each item's response under `model`, in `items` order.
 
     Inputs as `scoring_batches` makes them. The model may hold bf16 weights (`scoring.load_scoring_model`): the
     log-softmax and the per-response sums run in fp32 either way (`logps.token_logps`), so rbar is an fp32 number
     computed from bf16 logits. With a `cache` (one per loaded model: it is keyed by the model object), the vision
     tower runs once per video (`video_id`) across all calls, the features of a video seen before are reused.
+    `share_prompt`: the responses to one prompt on one clip share a row (`scoring_batches`), where the model's
+    attention takes a 4-D mask (`prefix.unsupported_reason`); the same values up to float summation order.
     """
     import torch
 
     from leanpo_core import logps
 
+    share_prompt = share_prompt and prefix.unsupported_reason(model) is None
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = [(float("nan"), 0)] * len(items)
     with torch.no_grad():
-        for chunk, batch in scoring_batches(processor, adapter, items, batch_size, device):
-            ids = [video_id(items[i]) for i in chunk]
-            if cache is not None and all(ids):
-                cached = features.cached_video_features(adapter, model, batch, ids, cache)
+        for slots, batch in scoring_batches(processor, adapter, items, batch_size, device, share_prompt):
+            joined = prefix.LENGTHS in batch
+            rows = slots[:batch[prefix.LENGTHS].shape[0]] if joined else slots  # an item of each row (its video)
+            ids = [video_id(items[i]) for i in rows]
+            cached = features.cached_video_features(adapter, model, batch, ids, cache) \
+                if cache is not None and all(ids) else None
+            if joined:
+                sums, counts = prefix.pair_logps(model, adapter, batch, features=cached)
+            elif cached is not None:
                 hidden = adapter.shared_video_hidden_states(model, batch, copies=1, features=cached)
                 sums, counts = logps.response_logps(hidden, batch["labels"], models.output_projection(model))
             else:
                 sums, counts = logps.model_response_logps(model, batch)
-            for i, total, count in zip(chunk, sums.float().tolist(), counts.tolist()):
-                out[i] = (total / count if count else float("nan"), int(count))
+            for i, total, count in zip(slots, sums.float().tolist(), counts.tolist()):
+                if i is not None:
+                    out[i] = (total / count if count else float("nan"), int(count))
     return out
 
 
@@ -277,7 +309,7 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
             else None
         for i in pending:
             items, failures = prepare(i)
-            sft = sft_scores(model, processor, adapter, items, config.batch_size, cache)
+            sft = sft_scores(model, processor, adapter, items, config.batch_size, cache, config.prefix_sharing)
             if config.judge:
                 sft_by_shard[i] = sft
                 size = sum({id(it["frames"]): it["frames"].nbytes for it in items}.values())

@@ -159,6 +159,47 @@ def test_feature_cache_runs_the_tower_once_per_video(family, loaded, video, monk
     assert reflect.video_id({"frames": frames, "meta": meta}) is None  # no key: scored without the cache
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next_video", "llava_onevision"])
+def test_shared_prompt_rows_score_what_separate_rows_score(family, loaded, video, monkeypatch):
+    """A question's responses joined into one row (prefix.join_responses): the separate rows' rbar and token counts
+    (1e-5), with a cut response, a question answered once, and a question split over two batches; the language
+    model reads each prompt once per row."""
+    from leanpo_core import prefix
+
+    model, processor, adapter = loaded(family)
+    frames, meta = video
+    clip = frames[:4]
+    clip_meta = models.video_metadata(clip, fps=meta["fps"], frames_indices=meta["frames_indices"][:4],
+                                      total_num_frames=meta["total_num_frames"])
+    other = frames[4:8]
+    other_meta = models.video_metadata(other, fps=meta["fps"], frames_indices=meta["frames_indices"][4:8],
+                                       total_num_frames=meta["total_num_frames"])
+    spec = [(clip, clip_meta, "What moves?", "a red square", "stop"),
+            (other, other_meta, "What moves?", "a blue circle moves up", "stop"),
+            (clip, clip_meta, "What moves?", "nothing at all", "length"),
+            (clip, clip_meta, "What colour?", "red", "stop"),
+            (clip, clip_meta, "What moves?", "the square", "stop"),
+            (clip, clip_meta, "What moves?", "it moves left and then right", "stop")]
+    items = [{"video_key": "b" if f is other else "a", "frames": f, "meta": m, "question": q, "response": r,
+              "finish_reason": fr} for f, m, q, r, fr in spec]
+    want = reflect.sft_scores(model, processor, adapter, items, batch_size=3)
+    batches = list(reflect.scoring_batches(processor, adapter, items, 3, "cpu", share_prompt=True))
+    # "What moves?" on clip a has 4 responses: a row of 3 (a batch holds at most 3 responses), then a row of 1
+    # beside the two questions answered once; output sequence (s - 1) * rows + row
+    assert [slots for slots, _ in batches] == [[0, 2, 4], [5, 1, 3]]
+    assert [tuple(b[prefix.LENGTHS].shape) for _, b in batches] == [(1, 4), (3, 2)]
+    for cache in (None, features_cache()):
+        got = reflect.sft_scores(model, processor, adapter, items, batch_size=3, cache=cache, share_prompt=True)
+        for (mean, count), (want_mean, want_count) in zip(got, want):
+            assert count == want_count and mean == pytest.approx(want_mean, abs=1e-5)
+
+
+def features_cache():
+    from leanpo_core import features
+
+    return features.FeatureCache(2**30)
+
+
 def test_stage_scores_ranks_and_matches_naive_logps(tmp_path, toy_dirs, video, loaded):
     config = ReflectConfig(judge=False, sft_logp_weight=0.5, batch_size=3)
     layout = write_run(str(tmp_path), video)
