@@ -124,3 +124,17 @@ def command_line(script: str, argv: list[str] | None) -> str:
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def newest_model(root: Path) -> str:
+    """The newest `<root>/train/*/model` folder of a run (a model of the run's family, for timing)."""
+    found = sorted((Path(root) / "train").glob("*/model"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no trained model under {Path(root) / 'train'}: pass --model")
+    return str(found[-1])
+
+
+def run_relative(path: str, root: Path) -> str:
+    """`path` relative to the folder holding the run `root` (no machine-specific prefix in results files)."""
+    full, base = Path(path).resolve(), Path(root).resolve().parent
+    return str(full.relative_to(base)) if full.is_relative_to(base) else display_path(path)

@@ -39,13 +39,6 @@ def budget(setting: str, sizes: list[int]) -> int:
     return {"rows": 0, "pack_2x": 2 * max(sizes), "pack_all": sum(sizes)}[setting]
 
 
-def newest_model(root: Path) -> str:
-    models = sorted((root / "train").glob("*/model"), key=lambda p: p.stat().st_mtime)
-    if not models:
-        raise SystemExit(f"no trained model under {root / 'train'}: pass --model")
-    return str(models[-1])
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="a run's root (its pairs.parquet and frames/), e.g. a demo's "
@@ -67,7 +60,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.root)
-    model_dir = args.model or newest_model(root)
+    model_dir = args.model or common.newest_model(root)
     model, processor, adapter = models.load_model(model_dir, dtype=torch.float32, device="cpu")
     model.config.use_cache = False
     train._freeze_vision(model)
@@ -116,16 +109,11 @@ def main(argv: list[str] | None = None) -> str:
                 times[setting].append(sum(wall) / len(wall))
     per_batch_ms = {s: 1000 * common.median(times[s]) for s in SETTINGS}
 
-    def shown(path: str) -> str:  # relative to the run's folder: no machine-specific prefix in the results
-        full = Path(path).resolve()
-        return str(full.relative_to(root.resolve().parent)) if full.is_relative_to(root.resolve().parent) else \
-            common.display_path(path)
-
     rows = [[s, f"{100 * padding[s]:.1f}%", f"{positions[s]}", f"{per_batch_ms[s]:.0f}",
              f"{per_batch_ms['rows'] / per_batch_ms[s]:.2f}x", f"{first_loss[s]:.6f}"] for s in SETTINGS]
-    body = [f"Pairs: {len(dataset)} kept pairs of `{shown(str(root))}` in {len(batches)} micro-batches "
+    body = [f"Pairs: {len(dataset)} kept pairs of `{common.run_relative(str(root), root)}` in {len(batches)} micro-batches "
             f"of {args.batch_size} (LengthGroupedSampler), {tokens} tokens in all; model "
-            f"`{shown(model_dir)}` ({type(model).__name__}, {models.unwrap(model).config.model_type}); "
+            f"`{common.run_relative(model_dir, root)}` ({type(model).__name__}, {models.unwrap(model).config.model_type}); "
             f"{common.versions('torch', 'transformers')}; {torch.get_num_threads()} torch threads. Timing: the first "
             f"{len(timed)} micro-batches, forward + backward of the LeanPO objective, {args.steps} steps x "
             f"{args.rounds} rounds, median per batch.", "",

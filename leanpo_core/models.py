@@ -342,6 +342,25 @@ def is_per_token(key: str) -> bool:
     return key in _PAD
 
 
+class ProcessOnce:
+    """A processor for several encodings of one prompt on one clip (a pair's two sides; a question's candidates):
+    the first call runs the wrapped processor (tokens and the video's pixels), a later call with the same prompt and
+    the same frames object returns those outputs again. `encode` copies every per-token tensor it extends, so the
+    shared outputs are never modified."""
+
+    def __init__(self, processor):
+        self._processor, self._key, self._outputs = processor, None, None
+
+    def __call__(self, *, text, videos, **kwargs):
+        key = (list(text), [id(v) for v in videos], repr(sorted(kwargs.items())))
+        if key != self._key:
+            self._key, self._outputs = key, self._processor(text=text, videos=videos, **kwargs)
+        return self._outputs
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+
 def padding_value(key: str, pad_id: int = 0) -> int:
     """What right-pads per-token input `key` (input_ids: `pad_id`; labels: IGNORE_INDEX; masks and types: 0)."""
     return pad_id if _PAD[key] is None else _PAD[key]

@@ -88,7 +88,7 @@ class PairsDataset(torch.utils.data.Dataset):
         clip = pixels if positions == list(range(len(stored))) else pixels[positions]
         meta = frames_mod.frames_metadata(frame_row, clip, wanted)
         prompt = self.adapter.build_prompt(self.processor, prompts.plain_prompt(row["prompt"]))
-        once = _ProcessOnce(self.processor)  # both sides share prompt and video: pixels prepared once per pair
+        once = models.ProcessOnce(self.processor)  # both sides share prompt and video: pixels prepared once per pair
         chosen, rejected = (self.adapter.encode(once, clip, prompt, row[side], meta=meta,
                                                 add_end=models.ended_by_itself(row.get(f"{side}_finish_reason")))
                             for side in ("chosen", "rejected"))
@@ -107,24 +107,6 @@ class PairsDataset(torch.utils.data.Dataset):
             raise ValueError(f"pair {row['pair_id']}: the prompt alone has {prompt_len} tokens, max_length is "
                              f"{self.max_length}")
         return {k: v[:, :self.max_length] if models.is_per_token(k) else v for k, v in inputs.items()}
-
-
-class _ProcessOnce:
-    """A processor for the two encodings of one pair: the first call runs the wrapped processor (tokens and the
-    video's pixels), a second call with the same prompt and the same frames returns those outputs again.
-    `encode` copies every per-token tensor it extends, so the shared outputs are never modified."""
-
-    def __init__(self, processor):
-        self._processor, self._key, self._outputs = processor, None, None
-
-    def __call__(self, *, text, videos, **kwargs):
-        key = (list(text), [id(v) for v in videos], repr(sorted(kwargs.items())))
-        if key != self._key:
-            self._key, self._outputs = key, self._processor(text=text, videos=videos, **kwargs)
-        return self._outputs
-
-    def __getattr__(self, name):
-        return getattr(self._processor, name)
 
 
 @dataclasses.dataclass

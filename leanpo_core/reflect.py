@@ -77,17 +77,21 @@ def scoring_batches(processor, adapter, items: list[dict], batch_size: int, devi
     groups = [[i for i in order if items[i]["frames"].shape == shape]
               for shape in dict.fromkeys(items[i]["frames"].shape for i in order)]
 
-    def encode(i: int) -> dict:
-        it = items[i]
-        prompt = adapter.build_prompt(processor, prompts.plain_prompt(it["question"]))
-        return adapter.encode(processor, it["frames"], prompt, it["response"], meta=it["meta"],
-                              add_end=models.ended_by_itself(it["finish_reason"]))
+    def encode(indices: list[int]) -> list[dict]:
+        once = models.ProcessOnce(processor)  # consecutive responses to one prompt on one clip: pixels prepared once
+        out = []
+        for i in indices:
+            it = items[i]
+            prompt = adapter.build_prompt(processor, prompts.plain_prompt(it["question"]))
+            out.append(adapter.encode(once, it["frames"], prompt, it["response"], meta=it["meta"],
+                                      add_end=models.ended_by_itself(it["finish_reason"])))
+        return out
 
     for group in groups:
         if not share_prompt:
             for start in range(0, len(group), batch_size):
                 chunk = group[start:start + batch_size]
-                yield chunk, {k: v.to(device) for k, v in models.collate([encode(i) for i in chunk], pad_id).items()}
+                yield chunk, {k: v.to(device) for k, v in models.collate(encode(chunk), pad_id).items()}
             continue
         same = collections.defaultdict(list)  # one prompt on one clip: question and frames (video id or object)
         for i in group:
@@ -98,7 +102,7 @@ def scoring_batches(processor, adapter, items: list[dict], batch_size: int, devi
             if batch_units and (unit is None or count + len(unit) > batch_size):
                 width = max(len(u) for u in batch_units)
                 slots = [u[s] if s < len(u) else None for s in range(width) for u in batch_units]
-                rows = [prefix.join_responses([encode(i) for i in u]) for u in batch_units]
+                rows = [prefix.join_responses(encode(u)) for u in batch_units]
                 yield slots, {k: v.to(device) for k, v in prefix.collate_rows(rows, pad_id).items()}
                 batch_units, count = [], 0
             if unit is not None:
