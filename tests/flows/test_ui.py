@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -84,6 +85,16 @@ def test_flow_run_artifacts_render(prefect_stack, refresh_run, shots):
     assert json.loads(first_rows["data"])[0]["pair_id"] in text  # a row, not only the header
 
 
+def _post(api: httpx.Client, path: str, body: dict) -> dict:
+    """POST as Prefect's own client does: a 503 (the server's database busy, e.g. on a loaded machine) is retried."""
+    for attempt in range(5):
+        response = api.post(path, json=body)
+        if response.status_code != 503:
+            break
+        time.sleep(2 * (attempt + 1))
+    return response.raise_for_status().json()
+
+
 def test_leanpo_server_ui_calls_its_own_port(tmp_path, shots):
     """`leanpo server --port P` (P not 4200): the UI's settings name P, and a flow run that exists only in this
     server's fresh database renders on its page, so the browser reached the API on P (a server on 4200, if any, has
@@ -101,10 +112,10 @@ def test_leanpo_server_ui_calls_its_own_port(tmp_path, shots):
         wait_healthy(url, server, log)
         assert httpx.get(f"{url}/ui-settings", timeout=30).json()["api_url"] == f"{url}/api"
         with httpx.Client(base_url=f"{url}/api", timeout=60) as api:
-            flow = api.post("/flows/", json={"name": "port-check"}).raise_for_status().json()
+            flow = _post(api, "/flows/", {"name": "port-check"})
             name = f"port-{port}-{uuid.uuid4().hex[:8]}"
-            run = api.post("/flow_runs/", json={"flow_id": flow["id"], "name": name, "state": {
-                "type": "COMPLETED", "name": "Completed"}}).raise_for_status().json()
+            run = _post(api, "/flow_runs/", {"flow_id": flow["id"], "name": name, "state": {
+                "type": "COMPLETED", "name": "Completed"}})
         text = words(render(f"{url}/runs/flow-run/{run['id']}", shots / "own-port-flow-run.png"))
         assert "Can't connect" not in text, f"the UI did not reach its API (see {shots / 'own-port-flow-run.png'})"
         assert name in text and "Completed" in text, f"{name!r} not on its page (see {shots / 'own-port-flow-run.png'})"
