@@ -138,3 +138,20 @@ def run_relative(path: str, root: Path) -> str:
     """`path` relative to the folder holding the run `root` (no machine-specific prefix in results files)."""
     full, base = Path(path).resolve(), Path(root).resolve().parent
     return str(full.relative_to(base)) if full.is_relative_to(base) else display_path(path)
+
+
+def run_bench_arguments(parser, root_help: str) -> None:
+    """The options of the benches that read a run's own tables: --root, --model, --threads."""
+    parser.add_argument("--root", required=True, help=root_help)
+    parser.add_argument("--model", help="model folder of the run's family (default: newest <root>/train/*/model)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def run_bench_setup(args) -> tuple[Path, str]:
+    """(run root, model folder) of a run bench's arguments, torch's threads set."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.root)
+    return root, args.model or newest_model(root)

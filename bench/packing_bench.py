@@ -41,14 +41,11 @@ def budget(setting: str, sizes: list[int]) -> int:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="a run's root (its pairs.parquet and frames/), e.g. a demo's "
-                        "round-0")
-    parser.add_argument("--model", help="model folder of the pairs' family (default: newest <root>/train/*/model)")
+    common.run_bench_arguments(parser, "a run's root (its pairs.parquet and frames/), e.g. a demo's round-0")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch (the demo's: 8)")
     parser.add_argument("--batches", type=int, default=4, help="micro-batches timed (padding counts all of them)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per batch, setting and round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over the settings, in rotating order")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
 
     import torch
@@ -57,10 +54,7 @@ def main(argv: list[str] | None = None) -> str:
     from leanpo_core import features, layout, models, pairdata, prefix, train
     from leanpo_core.config import TrainConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = Path(args.root)
-    model_dir = args.model or common.newest_model(root)
+    root, model_dir = common.run_bench_setup(args)
     model, processor, adapter = models.load_model(model_dir, dtype=torch.float32, device="cpu")
     model.config.use_cache = False
     train._freeze_vision(model)

@@ -37,22 +37,17 @@ WAYS = ("separate", "cached", "shared")
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="a run's root (samples/, frames/, videos.parquet)")
-    parser.add_argument("--model", help="model folder of the run's family (default: newest <root>/train/*/model)")
+    common.run_bench_arguments(parser, "a run's root (samples/, frames/, videos.parquet), e.g. a demo's round-0")
     parser.add_argument("--shards", type=int, nargs="+", default=[0], help="samples shards to score")
     parser.add_argument("--batch-size", type=int, default=16, help="responses per batch (ReflectConfig default)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the ways, in rotating order")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
 
     import torch
 
     from leanpo_core import features, frames, io, layout, reflect, schemas
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = Path(args.root)
-    model_dir = args.model or common.newest_model(root)
+    root, model_dir = common.run_bench_setup(args)
     run = layout.RunLayout(str(root))
     videos = {row["id"]: row for row in io.read_table(run.videos, schemas.VIDEOS).select(
         ["id", "video", "answer"]).to_pylist()}
