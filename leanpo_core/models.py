@@ -362,7 +362,9 @@ class ProcessOnce:
 
 
 def padding_value(key: str, pad_id: int = 0) -> int:
-    """What right-pads per-token input `key` (input_ids: `pad_id`; labels: IGNORE_INDEX; masks and types: 0)."""
+    """What right-pads per-token input `key` (input_ids: `pad_id`; labels: IGNORE_INDEX; masks and types: 0).
+    `collate` spells the same rule inline: its source is part of the toy world's content key
+    (`toyworld.WorldSettings.key`), so editing it would make every clone rebuild the shipped toy world."""
     return pad_id if _PAD[key] is None else _PAD[key]
 
 
@@ -378,8 +380,8 @@ def collate(items: list[dict], pad_id: int) -> dict:
     for key in items[0]:
         tensors = [item[key] for item in items]
         if key in _PAD:
-            tensors = [torch.nn.functional.pad(t, (0, length - t.shape[1]), value=padding_value(key, pad_id))
-                       for t in tensors]
+            fill = pad_id if _PAD[key] is None else _PAD[key]
+            tensors = [torch.nn.functional.pad(t, (0, length - t.shape[1]), value=fill) for t in tensors]
         batch[key] = torch.cat(tensors, dim=0)
     return batch
 
