@@ -17,6 +17,11 @@ kernel; the flash kernel takes none), additive for eager attention. Attention im
 mask (flash_attention_2/3, flex_attention without a block mask) are not supported: `unsupported_reason` says so and
 the trainer falls back to the vision-once path.
 
+The same holds for any number of responses to one prompt (`join_responses`: `[prompt | r1 | ... | rn]`, each
+response seeing the prompt and itself): the reflect and evaluate stages score a question's candidates that way. And
+several joined rows can share one row of the batch (`Packing`, `TrainConfig.pack_tokens`): a block-diagonal mask,
+each block a row's own mask, each row's own positions.
+
     item = join_pair(adapter.encode(p, clip, prompt, chosen), adapter.encode(p, clip, prompt, rejected))
     sums, counts = pair_logps(model, adapter, collated_batch)   # (2B,): B chosen, then B rejected
 """
