@@ -40,6 +40,7 @@ S3 locations use the endpoint in LEANPO_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -48,6 +49,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -252,6 +254,51 @@ def partial_parameters(flow_obj, data: dict, source: str) -> dict:
     return data
 
 
+@contextlib.contextmanager
+def serving_server(timeout_s: float = 180.0):
+    """For `leanpo serve` when no server answers (no PREFECT_API_URL, no `leanpo server` on 4200): Prefect's server
+    and UI on a free loopback port for the life of the command, started in a session of its own. Prefect's temporary
+    server would share this process's group, so a Ctrl-C in the terminal stopped it first, and the runner, pausing
+    its deployments on the way out, retried against a dead server and never exited."""
+    import urllib.request
+
+    from leanpo_core.launch import free_port
+
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    url = server_url("127.0.0.1", free_port())
+    log = Path(os.environ["PREFECT_HOME"]) / "serve-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_UI_API_URL": f"{url}/api"}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                                 "127.0.0.1", "--port", url.rsplit(":", 1)[1]], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/api/health", timeout=2).read().strip() == b"true":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Prefect server for `leanpo serve` did not start (see {log})")
+            time.sleep(0.5)
+        os.environ["PREFECT_API_URL"] = f"{url}/api"
+        print(f"leanpo serve: Prefect UI at {url}, a server for this command that stops with it (its log: {log}); "
+              f"other shells: export PREFECT_API_URL={url}/api", flush=True)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def serve(config: str | None) -> None:
     """Serve prefect.yaml's deployments in this process (flows/deployments.py); parameters per flow from `config`."""
     from prefect import serve as prefect_serve
@@ -268,7 +315,8 @@ def serve(config: str | None) -> None:
     deployments, notes = runner_deployments(sections, FLOWS, load_flow)
     for note in notes:
         print(f"leanpo serve: {note}", file=sys.stderr)
-    prefect_serve(*deployments)
+    with serving_server():
+        prefect_serve(*deployments)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,6 +121,40 @@ def test_server_serves_the_ui_on_localhost(tmp_path):
             proc.wait()
 
 
+def test_serve_without_a_server_stops_on_ctrl_c(tmp_path):
+    """`leanpo serve` with no server to use starts one (UI included) in a session of its own, serves the
+    deployments there, and a Ctrl-C from the terminal (SIGINT to the command's process group) stops it within
+    seconds, server included, without a traceback. With Prefect's temporary server in the same group, the server
+    died first and `serve` retried pausing its deployments against it forever."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / ".prefect")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:  # until the deployments are served
+            lines.append(line)
+            if "being served" in line:
+                break
+        out = "".join(lines)
+        [url] = re.findall(r"Prefect UI at (http://127\.0\.0\.1:\d+)", out)
+        request = urllib.request.Request(f"{url}/api/deployments/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        served = json.loads(urllib.request.urlopen(request, timeout=10).read())
+        assert len(served) == 5, served
+        assert "<html" in urllib.request.urlopen(f"{url}/", timeout=10).read().decode().lower()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out + rest
+    assert "Traceback" not in rest, rest
+    with pytest.raises(OSError):  # its server is gone too
+        urllib.request.urlopen(f"{url}/api/health", timeout=2)
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_inspect_shows_kind_rows_and_first_rows(where, tmp_path, request):
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_root")
