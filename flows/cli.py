@@ -19,8 +19,9 @@
 
 Prefect's database lives in PREFECT_HOME, by default `runs/.prefect` under the current folder, so `leanpo server`
 shows every run that `leanpo demo` and `leanpo run` made. `leanpo run` and `leanpo serve` use a `leanpo server`
-answering on 127.0.0.1:4200 (runs show live in its UI), else, like `leanpo demo`, a temporary server on that
-database for the duration of the command; PREFECT_API_URL, when set, always wins.
+answering on 127.0.0.1:4200 (runs show live in its UI), else a server on that database for the duration of the
+command: `leanpo run`, like `leanpo demo`, Prefect's temporary one; `leanpo serve` a server with its UI on a free
+loopback port, whose address it prints. PREFECT_API_URL, when set, always wins.
 
 `leanpo serve` vs `prefect deploy --all`: both read the deployments from prefect.yaml (flows/deployments.py).
 `serve` registers them and runs their flow runs itself, in this process (one machine, nothing else to start;
