@@ -33,9 +33,10 @@ FRAMES = FramesConfig(num_frames=toyworld.WorldSettings.frames, max_side=128)
 # knowledge and the trust filter (the SFT model's own likelihood) decides which pairs are kept.
 REFLECT = ReflectConfig(judge=False, prior_f1_weight=1.0, batch_size=16)
 SAMPLE = dict(num_candidates=2, max_new_tokens=8, max_model_len=1024, shard_size=256)
-# The method's loss defaults (beta 2, gamma 0.5, eps 0.1, d 0, lambda_sft 0.5); a learning rate for a 1 M-parameter
-# model trained for seconds, and no DeepSpeed or checkpointing on CPU.
-LEANPO = dict(objective="leanpo", learning_rate=1e-3, warmup_ratio=0.1, epochs=2, per_device_batch_size=8,
+# The method's loss defaults (beta 2, gamma 0.5, eps 0.1, d 0, lambda_sft 0.5); a learning rate and epochs for a
+# 1 M-parameter model trained for seconds, chosen on the world's validation split (experiments/toy_world.py,
+# BUDGET_SELECTION), and no DeepSpeed or checkpointing on CPU.
+LEANPO = dict(objective="leanpo", learning_rate=5e-4, warmup_ratio=0.1, epochs=4, per_device_batch_size=8,
               deepspeed="none", gradient_checkpointing=False, save_steps=100000, seed=0)
 EVALUATE = dict(split="test", max_new_tokens=8, max_model_len=1024, batch_size=16)
 
