@@ -22,7 +22,7 @@ project's own stages, each run as `python -m leanpo_core.<stage>` in its own pro
 Every setting is fixed by the command line below and written into the report and the JSON (`plan`) before any
 training starts; nothing is chosen on the test split.
 
-    .venv/bin/python -m experiments.toy_world --out runs/toy_world              # ~30 min on 2 idle cores
+    .venv/bin/python -m experiments.toy_world --out runs/toy_world              # ~16 min on 2 idle cores
     .venv/bin/python -m experiments.toy_world --out runs/tw-smoke --smoke        # every arm end to end, ~3 min
 
 A rerun on the same --out reuses every finished phase (delete the folder to start over).
