@@ -89,4 +89,4 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from leanpo_core.launch import stage_entry
 
-    stage_entry(main)
+    stage_entry(main, hard_exit=True)  # its writes are committed when main returns

@@ -320,10 +320,11 @@ def stage_entry(main: Callable[[], Any], hard_exit: bool = False) -> None:
     `python -m leanpo_core.<stage>` ends in this. Started by `run`, the stage (and each rank) also stops its whole
     process group when the launching process is gone.
 
-    hard_exit: after a successful `main()`, flush stdout/stderr and end with `os._exit(0)`, skipping interpreter
-    teardown. For stages whose every output is already committed (io's fsync + rename) when `main` returns and that
-    hold no engine or process group: pyarrow's thread pools race at interpreter exit ("terminate called without an
-    active exception", SIGABRT) in 3-4 of 40 runs of the pairs stage on the 2-core VM, after its table was written.
+    hard_exit: after `main()` returns or fails on bad input, flush stdout/stderr and end with `os._exit` (0 or
+    EXIT_BAD_INPUT), skipping interpreter teardown. For stages whose every output is already committed (io's fsync +
+    rename) when `main` returns and that hold no engine or process group: pyarrow's thread pools race at interpreter
+    exit ("terminate called without an active exception", SIGABRT) in 3-4 of 40 runs of the pairs stage on the 2-core
+    VM, after its table was written, and once in a CI run of `leanpo_core.export` after its one-line refusal.
     """
     from pydantic import ValidationError
 
@@ -341,4 +342,7 @@ def stage_entry(main: Callable[[], Any], hard_exit: bool = False) -> None:
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         stage = spec.name if spec else os.path.basename(sys.argv[0])
         print(f"{stage}: bad input: {type(exc).__name__}: {text}", file=sys.stderr, flush=True)
+        if hard_exit:
+            sys.stdout.flush()
+            os._exit(EXIT_BAD_INPUT)
         sys.exit(EXIT_BAD_INPUT)

@@ -254,4 +254,4 @@ def cli(argv: list[str] | None = None, prog: str = "leanpo models") -> int:
 if __name__ == "__main__":
     from leanpo_core.launch import stage_entry
 
-    stage_entry(main)
+    stage_entry(main, hard_exit=True)  # its writes are committed when main returns
