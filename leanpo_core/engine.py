@@ -167,6 +167,15 @@ class VllmEngine:
                               max_tokens=request.max_tokens, logprobs=0, seed=request.seed,
                               stop_token_ids=self.stop_ids)
 
+    def _drop_unfinished(self) -> None:
+        """After a failed `LLM.generate`, vLLM's engine still holds the batch's requests, and the next call would
+        run them again: every later call (a question retried alone, the next shard) failed on the same item, and
+        with many left the scheduler spun for minutes. They are aborted here."""
+        engine = self.llm.llm_engine
+        pending = list(engine.output_processor.request_states)
+        if pending:
+            engine.abort_request(pending, internal=True)
+
     def generate(self, requests: Sequence[Request]) -> list[list[Completion]]:
         if not requests:
             return []
@@ -178,8 +187,12 @@ class VllmEngine:
             groups = list(by_count.values())
         stop, results = set(self.stop_ids), [None] * len(requests)
         for group in groups:
-            outputs = self.llm.generate([self.prompt_input(requests[i]) for i in group],
-                                        [self.sampling_params(requests[i]) for i in group], use_tqdm=False)
+            try:
+                outputs = self.llm.generate([self.prompt_input(requests[i]) for i in group],
+                                            [self.sampling_params(requests[i]) for i in group], use_tqdm=False)
+            except Exception:
+                self._drop_unfinished()
+                raise
             for i, out in zip(group, outputs):
                 completions = []
                 for sample in sorted(out.outputs, key=lambda s: s.index):

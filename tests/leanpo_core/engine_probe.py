@@ -7,7 +7,7 @@ folder, so the ~10 s vLLM import is paid once.
     python tests/leanpo_core/engine_probe.py REQUESTS.pkl OUT.pkl
 
 REQUESTS.pkl: {model folder: [Request, ...]}. OUT.pkl: {model folder: {"first": completions, "second": the same
-requests again (determinism), "engine_start_s": ...} or {"error": traceback}}.
+requests again (determinism), "engine_start_s": ..., and after_a_failed_step's keys} or {"error": traceback}}.
 """
 
 from __future__ import annotations
@@ -16,6 +16,28 @@ import pickle
 import sys
 import time
 import traceback
+
+
+def after_a_failed_step(engine, requests) -> dict:
+    """A model step that raises once (fault injected into the in-process executor), then the same requests again:
+    what the failed call raised, how many requests vLLM still held after it, and the completions of the next call."""
+    executor = engine.llm.llm_engine.engine_core.engine_core.model_executor
+    real = executor.execute_model
+
+    def fail_once(*args, **kwargs):
+        executor.execute_model = real
+        raise RuntimeError("injected step failure")
+
+    executor.execute_model = fail_once
+    try:
+        engine.generate(requests)
+        raised = None
+    except RuntimeError as exc:
+        raised = str(exc)
+    finally:
+        executor.execute_model = real
+    return {"failed_raised": raised, "failed_left": engine.llm.llm_engine.get_num_unfinished_requests(),
+            "after_failure": engine.generate(requests)}
 
 
 def main() -> None:
@@ -32,7 +54,7 @@ def main() -> None:
             started = time.perf_counter()
             try:
                 results[model_dir] = {"first": engine.generate(requests), "second": engine.generate(requests),
-                                      "engine_start_s": started - start}
+                                      "engine_start_s": started - start, **after_a_failed_step(engine, requests)}
             finally:
                 engine.close()
         except Exception:  # one family's failure must not hide the others' results

@@ -109,6 +109,19 @@ def test_greedy_generation_agrees_token_for_token(family, both):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_failed_vllm_call_leaves_no_request_behind(family, both):
+    """A model step that raises makes `generate` raise, and the batch's requests leave vLLM's engine with it: the
+    next call returns exactly its own completions, the same as before the failure. (vLLM's offline LLM keeps them
+    queued; the sample stage's question-by-question retry then ran them again and again.)"""
+    requests, vllm, _ = both[family]
+    assert "error" not in vllm, vllm.get("error")
+    assert vllm["failed_raised"] == "injected step failure" and vllm["failed_left"] == 0
+    assert len(vllm["after_failure"]) == len(requests)
+    for before, after in zip(vllm["first"][:2], vllm["after_failure"][:2]):  # the greedy ones
+        assert [c.token_ids for c in before] == [c.token_ids for c in after]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sampled_logprobs_are_raw_in_both_backends(family, both):
     """At temperature 0.7 / top-p 0.8 each backend's reported mean equals the teacher-forced mean of log_softmax of
     the unprocessed logits for its own sampled tokens: vLLM's (logprobs_mode raw_logprobs) and HF's (output_logits)
