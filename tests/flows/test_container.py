@@ -1,12 +1,12 @@
-"""docker/Dockerfile.cpu built as it is and `leanpo demo` run inside the image (marked slow: about 15 minutes and
-10 GB of disk; `pytest -m slow tests/flows/test_container.py`).
+"""docker/Dockerfile.cpu built as it is and `leanpo demo` run inside the image (marked slow: 7.5 minutes on the 2-core
+VM, about 10 GB of disk; `pytest -m slow tests/flows/test_container.py`).
 
 No Docker engine runs on the project's machines, so the image is built with buildah (Debian's daemonless builder:
 `apt-get install buildah debootstrap`, as root; vfs storage and chroot isolation, which work inside a container).
 No registry is reachable either, so Docker Hub's python:3.11-slim-bookworm is replaced through the Dockerfile's
 BASE_IMAGE argument by an equivalent made here with debootstrap from the Debian mirror (Debian's Python 3.11, its
-venv module and headers, CA certificates), built once and kept under a local tag. The host's pip settings (its index, wheel
-folder, constraints) are handed to the build, so the image installs exactly what `make setup` installs here.
+venv module and headers, CA certificates), built once and kept under a local tag. The host's pip settings (its
+index, wheel folder, constraints) are handed to the build, so the image installs what `make setup` installs here.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def base_image(tmp_path: Path) -> str:
     if buildah("images", "--quiet", BASE, check=False).returncode == 0:
         return BASE
     rootfs = tmp_path / "rootfs"
-    subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-dev,ca-certificates", "bookworm",
-                    str(rootfs)], check=True, capture_output=True, timeout=900)
+    packages = "python3,python3-venv,python3-dev,ca-certificates"
+    subprocess.run(["debootstrap", "--variant=minbase", f"--include={packages}", "bookworm", str(rootfs)], check=True,
+                   capture_output=True, timeout=900)
     context = tmp_path / "base"
     context.mkdir()
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(context / "rootfs.tar"), "."], check=True)
