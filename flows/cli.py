@@ -73,9 +73,9 @@ def inspect_table(uri: str, rows: int = 5) -> pa.Table:
     table, spec = io.read_any(uri)
     console = Console()
     kind = f"{spec.name} v{spec.version}" if spec else "not a leanpo table (no schema metadata)"
-    console.print(f"[bold]{uri}[/bold]  {kind}  {table.num_rows} rows")
+    console.print(f"[bold]{uri}[/bold]  {kind}  {table.num_rows} rows", soft_wrap=True)  # one line to grep
     for field in table.schema:
-        console.print(f"  {field.name}: {field.type}{'' if field.nullable else ' (required)'}")
+        console.print(f"  {field.name}: {field.type}{'' if field.nullable else ' (required)'}", soft_wrap=True)
     for index, row in enumerate(table.slice(0, rows).to_pylist()):
         record = Table(title=f"row {index}", show_header=False, title_justify="left")
         record.add_column(style="cyan", no_wrap=True)
@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                              "and vLLM's INFO lines (default: one line per stage; the rest in the log and the UI)")
 
     inspect = commands.add_parser("inspect", help="show a Parquet table's schema, row count and first rows")
-    inspect.add_argument("uri", help="table location: a local path or s3://bucket/key")
+    inspect.add_argument("uri", help="table location: a local path or s3://bucket/key; a sharded table's folder "
+                         "(frames, samples, scored, failures) shows its shards together")
     inspect.add_argument("--rows", type=int, default=5, help="rows to show (default: 5)")
 
     commands.add_parser("toy", help="build a tiny offline model (see `leanpo toy --help`)", add_help=False)

@@ -262,7 +262,16 @@ def read_table(uri: str, spec: schemas.TableSpec, options: StorageOptions | None
 
 
 def read_any(uri: str, options: StorageOptions | None = None) -> tuple[pa.Table, schemas.TableSpec | None]:
-    """Read a stored table of any kind (for inspection) with the spec its metadata names, if it is one of ours."""
+    """Read a stored table of any kind (for inspection) with the spec its metadata names, if it is one of ours; the
+    folder of a sharded table (frames, samples, scored, failures) reads as its shards concatenated in shard order."""
+    shards = shard_uris(uri, options)
+    if not shards:
+        return _read_one(uri, options)
+    parts = [_read_one(shard, options) for shard in shards.values()]
+    return pa.concat_tables([table for table, _ in parts]), parts[0][1]
+
+
+def _read_one(uri: str, options: StorageOptions | None) -> tuple[pa.Table, schemas.TableSpec | None]:
     table = pq.read_table(pa.BufferReader(read_bytes(uri, options)))
     name = (table.schema.metadata or {}).get(schemas.TABLE_KEY, b"").decode()
     spec = schemas.TABLES.get(name)

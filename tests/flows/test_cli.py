@@ -155,17 +155,29 @@ def test_serve_without_a_server_stops_on_ctrl_c(tmp_path):
         urllib.request.urlopen(f"{url}/api/health", timeout=2)
 
 
+def _failure(video: str) -> dict:
+    return {"stage": "frames", "id": "q1", "video": video, "error_type": "DecodeError",
+            "message": f"cannot decode {video}", "traceback": None, "attempt": 1,
+            "created_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_inspect_shows_kind_rows_and_first_rows(where, tmp_path, request):
+    """One table, and the folder of a sharded one (its shards in shard order, as the stages write them)."""
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_root")
     uri = io.join_uri(root, "failures.parquet")
-    io.write_table([{"stage": "frames", "id": "q1", "video": "a.mp4", "error_type": "DecodeError",
-                     "message": "cannot decode a.mp4", "traceback": None, "attempt": 1,
-                     "created_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}],
-                   uri, schemas.FAILURES)
+    io.write_table([_failure("a.mp4")], uri, schemas.FAILURES)
     proc = leanpo("inspect", uri, "--rows", "1")
     assert proc.returncode == 0, proc.stderr
     assert "failures v1" in proc.stdout and "1 rows" in proc.stdout and "cannot decode a.mp4" in proc.stdout
+    folder = io.join_uri(root, "failures")
+    for index, videos in ((1, ["c.mp4"]), (0, ["a.mp4", "b.mp4"])):
+        io.write_shard([_failure(video) for video in videos], folder, schemas.FAILURES, index)
+    proc = leanpo("inspect", folder, "--rows", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "failures v1" in proc.stdout and "3 rows" in proc.stdout
+    shown = [proc.stdout.index(f"cannot decode {video}") for video in ("a.mp4", "b.mp4", "c.mp4")]
+    assert shown == sorted(shown), proc.stdout
 
 
 def test_inspect_missing_table_is_a_clear_error(tmp_path):
