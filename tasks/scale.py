@@ -2,7 +2,7 @@
 
 "thread" (the default): each sharded stage (frames, reflect) is one task that runs its shards in turn.
 "dask" / "ray": each shard is its own task run, submitted to Prefect's `DaskTaskRunner` (prefect-dask) or
-`RayTaskRunner` (prefect-ray, not installed here); the stage's task that follows finds every shard done and publishes
+`RayTaskRunner` (prefect-ray); the stage's task that follows finds every shard done and publishes
 the table. Without `cluster_address` a local cluster of `local_workers` processes starts on 127.0.0.1 for the flow
 run and stops with it; with one, the shards go to that running cluster, whose workers need this environment, the
 tables (S3 or a shared filesystem) and the Prefect API (docs/operations.md, section 6).
@@ -63,7 +63,10 @@ def shard_runner(kind: TaskRunnerName, cluster_address: str | None = None,
                               "task_runner 'dask'") from None
         if cluster_address:
             return RayTaskRunner(address=cluster_address)
-        return RayTaskRunner(init_kwargs={"num_cpus": local_workers,
+        # A local cluster addresses its own processes on loopback and starts no dashboard. Ray's servers still
+        # listen on every interface (it has no setting for that), behind Ray's token authentication.
+        return RayTaskRunner(init_kwargs={"num_cpus": local_workers, "_node_ip_address": "127.0.0.1",
+                                          "include_dashboard": False,
                                           "runtime_env": {"env_vars": _worker_environment()}})
     raise ConfigError(f"task_runner must be one of thread, dask, ray; got {kind!r}")
 

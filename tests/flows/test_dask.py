@@ -1,5 +1,6 @@
 """The data refresh with `task_runner="dask"`: frames and scoring shards as Prefect tasks on a real Dask
-`LocalCluster` of 2 worker processes (tasks/scale.py), on the temporary Prefect server.
+`LocalCluster` of 2 worker processes (tasks/scale.py), on the temporary Prefect server; and the frames shards on a
+real local Ray cluster (`task_runner="ray"`, prefect-ray) against the same thread run.
 
 Default suite (frames shards; no model): the frames stage as the data-refresh flow wires it, run once with the
 thread runner and once on Dask, over 6 synthetic clips in 3 shards. During the Dask run a watcher SIGKILLs the Dask
@@ -88,7 +89,7 @@ def frames_runs(tmp_path_factory) -> dict:
     finally:
         killer.stop.set()
         killer.join()
-    return {"thread": thread, "dask": dask, "killer": killer,
+    return {"thread": thread, "dask": dask, "killer": killer, "manifest": manifest,
             "thread_layout": RunLayout(str(tmp / "thread")), "dask_layout": RunLayout(str(tmp / "dask"))}
 
 
@@ -137,16 +138,32 @@ def test_a_killed_worker_is_survived_without_duplicate_rows(frames_runs):
         killer.listening
 
 
+def test_ray_frames_shards_are_the_thread_runs(frames_runs, tmp_path):
+    """On a local Ray cluster (2 CPUs): the same bytes in every frames shard as the thread run's, one task run per
+    shard, each video stored once. (Unlike Dask's, Ray's own servers listen on every interface whatever node address
+    they are given: docs/operations.md, section 6.)"""
+    state = frames_stage(frames_runs["manifest"], str(tmp_path / "ray"), FRAMES, task_runner="ray",
+                         return_state=True)
+    assert state.is_completed(), state.message
+    layout = RunLayout(str(tmp_path / "ray"))
+    expected = _shard_hashes(frames_runs["thread_layout"].frames)
+    assert len(expected) == 3 and _shard_hashes(layout.frames) == expected
+    assert state.result()["content_hash"] == frames_runs["thread"].result()["content_hash"]
+    keys = io.read_dataset(layout.frames, schemas.FRAMES).column("video_key").to_pylist()
+    assert len(keys) == len(set(keys)) == 6
+    runs = _task_runs(state)
+    assert len(runs["frames-shard"]) == 3 and all(run.state.is_completed() for run in runs["frames-shard"])
+
+
 def test_task_runner_setting_is_checked_before_any_work():
     with pytest.raises(ConfigError, match="cluster_address"):
         scale.shard_runner("thread", "tcp://127.0.0.1:8786")
     with pytest.raises(ConfigError, match="local_workers"):
         scale.shard_runner("dask", local_workers=0)
-    try:
-        import prefect_ray  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match="pip install prefect-ray"):
-            scale.shard_runner("ray")
+    with pytest.raises(ConfigError, match="local_workers"):
+        scale.shard_runner("ray", local_workers=0)
+    with pytest.raises(ConfigError, match="one of thread, dask, ray"):
+        scale.shard_runner("spark")
 
 
 def test_no_credential_in_any_output_of_a_dask_run(tmp_path, s3_server, s3_root, capfd):
