@@ -32,7 +32,8 @@ FRAMES = FramesConfig(num_frames=toyworld.WorldSettings.frames, max_side=128)
 # The toy SFT model was never taught to rate replies, so candidates are ranked by token F1 against the prior
 # knowledge and the trust filter (the SFT model's own likelihood) decides which pairs are kept.
 REFLECT = ReflectConfig(judge=False, prior_f1_weight=1.0, batch_size=16)
-SAMPLE = dict(num_candidates=2, max_new_tokens=8, max_model_len=1024, shard_size=256)
+# Four candidates per side, chosen with the training budget below on the validation split.
+SAMPLE = dict(num_candidates=4, max_new_tokens=8, max_model_len=1024, shard_size=256)
 # The method's loss defaults (beta 2, gamma 0.5, eps 0.1, d 0, lambda_sft 0.5); a learning rate and epochs for a
 # 1 M-parameter model trained for seconds, chosen on the world's validation split (experiments/toy_world.py,
 # BUDGET_SELECTION), and no DeepSpeed or checkpointing on CPU.

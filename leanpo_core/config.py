@@ -121,6 +121,12 @@ class ScoringConfig(StageConfig):
                                           "output per video (key and frame indices): every response scored on a "
                                           "video after the first reuses it, so the tower runs once per video, not "
                                           "once per response (0: off).")
+    persist_vision_features: bool = Field(False, description="Also keep the vision output per video in "
+                                          "`vision_features/` next to the frames table (local or s3://), where the "
+                                          "other passes of the run (reflect, train, evaluate) and reruns read it "
+                                          "instead of running the tower; named by hashes of the tower and of the "
+                                          "video's exact vision input, so a change of either is never served "
+                                          "stale. Needs vision_feature_cache_mib > 0.")
     prefix_sharing: bool = Field(True, description="Score the responses to one question on one clip (reflect: the "
                                  "2K candidates; evaluate: a pair's two sides) as ONE sequence [prompt | r1 | ... | "
                                  "rn], the prompt and its video tokens read once (exact up to float summation "
@@ -194,6 +200,10 @@ class TrainConfig(StageConfig):
     vision_feature_cache_mib: int = Field(2048, ge=0, description="CPU memory (MiB) for the frozen vision tower's "
                                           "output per video, computed once and reused by later epochs (0: off; "
                                           "unused when freeze_vision is off or under zero3).")
+    persist_vision_features: bool = Field(False, description="Also keep that output in `vision_features/` next "
+                                          "to the frames table (local or s3://), shared with the reflect and "
+                                          "evaluate passes and reruns that read the same videos with the same tower "
+                                          "(features.py). Needs the cache.")
     lora: bool = Field(False, description="Train LoRA adapters (peft) instead of the full language model.")
     lora_rank: int = Field(16, ge=1, description="LoRA rank.")
     deepspeed: Literal["none", "zero2", "zero3"] = Field("zero2", description="DeepSpeed ZeRO stage config.")

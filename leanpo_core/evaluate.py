@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +140,21 @@ def heldout_questions(videos_uri: str, store: frames.FrameStore, config: Evaluat
     return items, {"questions": len(rows), "missing_frames": len(rows) - len(items)}
 
 
-def score(model_dir: str, items: list[dict], config: EvaluateConfig) -> list[float]:
-    """rbar of each item's response under `model_dir` (lean path, `config.scoring_precision`), in `items` order."""
+def score(model_dir: str, items: list[dict], config: EvaluateConfig, frames_uri: str = "",
+          options: io.StorageOptions | None = None) -> list[float]:
+    """rbar of each item's response under `model_dir` (lean path, `config.scoring_precision`), in `items` order.
+    `frames_uri`: the frames table the items come from (where persisted features live)."""
     if not items:
         return []
     model, processor, adapter = scoring.load_scoring_model(model_dir, config.scoring_precision, config.device)
     try:
-        cache = features.FeatureCache(config.vision_feature_cache_mib * 2**20) if config.vision_feature_cache_mib \
-            else None  # one per loaded model: the cache is keyed by the model object
-        return [mean for mean, _ in reflect.sft_scores(model, processor, adapter, items, config.batch_size, cache,
-                                                       config.prefix_sharing)]
+        persist = config.persist_vision_features and bool(frames_uri)
+        # one per loaded model: the in-memory cache is keyed by the model object
+        cache = features.new_cache(config.vision_feature_cache_mib, persist, frames_uri, options)
+        scores = reflect.sft_scores(model, processor, adapter, items, config.batch_size, cache, config.prefix_sharing)
+        if cache is not None and cache.store is not None:
+            print(f"evaluate: {Path(model_dir).name}: {cache.summary()}", file=sys.stderr, flush=True)
+        return [mean for mean, _ in scores]
     finally:
         del model
         reflect.free_memory()
@@ -295,7 +301,8 @@ def run_evaluate(model: str, videos_uri: str, frames_uri: str, pairs_uri: str | 
     pair_split = _split_label(pair_items, videos_uri, options) if pairs_uri else ""
     models_ = [model] + ([baseline_model] if baseline_model else [])
     # Likelihoods first for every model, generation after: see the module docstring.
-    rbars = {m: (score(m, pair_items, config), score(m, questions, config)) for m in models_}
+    rbars = {m: (score(m, pair_items, config, frames_uri, options), score(m, questions, config, frames_uri, options))
+             for m in models_}
     rows, records, bench_records = [], {}, {}
     for m in models_:
         pair_rbar, answer_rbar = rbars[m]

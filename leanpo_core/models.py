@@ -337,6 +337,15 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def vision_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of everything but the language model and the LM head: the vision tower, the projector (and
+    LLaVA's image_newline), what `freeze_vision` freezes and what a video's features depend on."""
+    hf = unwrap(model)
+    language = {id(p) for p in hf.model.language_model.parameters()}
+    language |= {id(p) for p in hf.get_output_embeddings().parameters()}
+    return [(name, p) for name, p in hf.named_parameters() if id(p) not in language]
+
+
 def is_per_token(key: str) -> bool:
     """Whether an `encode` output is per token (padded in batches) rather than per video."""
     return key in _PAD

@@ -25,6 +25,7 @@ import collections
 import hashlib
 import re
 import string
+import sys
 
 from leanpo_core import features, frames, io, models, prefix, prompts, schemas, scoring, sharding, stagecli
 from leanpo_core.config import ReflectConfig
@@ -309,8 +310,8 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
     with Progress(disable=not progress) as bar:
         task = bar.add_task("reflect: scoring shards", total=len(pending) * (2 if config.judge else 1))
         model, processor, adapter = load_scorer(config, sample_model)
-        cache = features.FeatureCache(config.vision_feature_cache_mib * 2**20) if config.vision_feature_cache_mib \
-            else None
+        cache = features.new_cache(config.vision_feature_cache_mib, config.persist_vision_features, frames_uri,
+                                   options)
         for i in pending:
             items, failures = prepare(i)
             sft = sft_scores(model, processor, adapter, items, config.batch_size, cache, config.prefix_sharing)
@@ -322,6 +323,8 @@ def run_reflect(videos_uri: str, frames_uri: str, samples_uri: str, scored_uri: 
             else:
                 write(i, items, failures, sft, [(None, None, "off")] * len(items))
             bar.advance(task)
+        if cache is not None:
+            print(f"reflect: {cache.summary()}", file=sys.stderr, flush=True)
         del model
         free_memory()
         if config.judge:

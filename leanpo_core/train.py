@@ -149,12 +149,8 @@ def objective_loss(config: TrainConfig, sums: torch.Tensor, counts: torch.Tensor
 
 def _freeze_vision(model) -> None:
     """Train the language model and LM head only: vision tower, projector (and LLaVA's image_newline) frozen."""
-    hf = models.unwrap(model)
-    keep = {id(p) for p in hf.model.language_model.parameters()}
-    keep |= {id(p) for p in hf.get_output_embeddings().parameters()}
-    for p in hf.parameters():
-        if id(p) not in keep:
-            p.requires_grad_(False)
+    for _, p in models.vision_parameters(model):
+        p.requires_grad_(False)
 
 
 def _prefix_sharing_possible(model) -> bool:
@@ -400,7 +396,8 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
     sharing = config.prefix_sharing and _prefix_sharing_possible(model)
     cache = None  # a tower that trains changes its features; under ZeRO-3 running it is collective (features.py)
     if config.freeze_vision and config.vision_feature_cache_mib > 0 and config.deepspeed != "zero3":
-        cache = features_mod.FeatureCache(config.vision_feature_cache_mib * 2**20)
+        cache = features_mod.new_cache(config.vision_feature_cache_mib, config.persist_vision_features, frames_uri,
+                                       options)
     args = _training_arguments(config, output_dir)
     run_id = run_id or Path(output_dir).name
     policy = PairPolicy(model, adapter, config.logits_chunk_size, cache, config.pack_tokens)
@@ -415,6 +412,8 @@ def train(config: TrainConfig, pairs_uri: str, frames_uri: str, output_dir: str,
     if last is not None:
         trainer.metric_rows = resumed_metrics(output_dir, int(Path(last).name.split("-")[-1]), options)
     output = trainer.train(resume_from_checkpoint=last)
+    if cache is not None and trainer.is_world_process_zero():
+        print(f"train: {cache.summary()}", file=sys.stderr, flush=True)
     model_dir = str(Path(output_dir) / "model")
     trained = export_model(trainer, processor, model_dir)
     metrics_uri, png = io.join_uri(output_dir, "metrics.parquet"), str(Path(output_dir) / "metrics.png")
