@@ -124,7 +124,7 @@ class FeatureCache:
 
     def __init__(self, max_bytes: int, store: FeatureStore | None = None):
         self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
-        self.store = store
+        self.store, self.computed = store, 0  # computed: videos that went through the tower
         self.stacked = False  # the family returns one (videos, tokens, hidden) tensor, not a tuple per video
         self._entries: collections.OrderedDict[Hashable, torch.Tensor] = collections.OrderedDict()
         self._towers: dict[int, str] = {}  # id(tower) -> tower_digest, computed once per tower
@@ -136,8 +136,9 @@ class FeatureCache:
         return self._towers[key]
 
     def summary(self) -> str:
-        """One line for the log: videos computed, reused in memory, and read from / written to the store."""
-        line = f"vision features: {self.misses} video(s) looked up, {self.hits} reused in memory"
+        """One line for the log: videos through the tower, reuses in memory, objects read from / written to the
+        store."""
+        line = f"vision features: {self.computed} video(s) through the tower, {self.hits} reuse(s) in memory"
         if self.store is not None:
             line += f", {self.store.loaded} read from and {self.store.saved} written to {self.store.uri}"
         return line
@@ -206,6 +207,7 @@ def cached_video_features(adapter: models.FamilyAdapter, model, batch: Mapping[s
     if missing:
         pooled = adapter.video_features(model, adapter.select_videos(batch, [keys.index(k) for k in missing]))
         cache.stacked = not isinstance(pooled.pooler_output, (tuple, list))
+        cache.computed += len(missing)
         for key, value in zip(missing, _per_video(pooled.pooler_output, len(missing))):
             cache.put(key, value)
             found[key] = value
