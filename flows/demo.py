@@ -31,15 +31,16 @@ from leanpo_core.evaluate import answer_match, answers_uri, format_metric
 FRAMES = FramesConfig(num_frames=toyworld.WorldSettings.frames, max_side=128)
 # The toy SFT model was never taught to rate replies, so candidates are ranked by token F1 against the prior
 # knowledge and the trust filter (the SFT model's own likelihood) decides which pairs are kept.
-REFLECT = ReflectConfig(judge=False, prior_f1_weight=1.0, batch_size=16)
+# Each clip's vision features are stored beside the frames table once, then read by training and evaluation.
+REFLECT = ReflectConfig(judge=False, prior_f1_weight=1.0, batch_size=16, persist_vision_features=True)
 # Four candidates per side, chosen with the training budget below on the validation split.
 SAMPLE = dict(num_candidates=4, max_new_tokens=8, max_model_len=1024, shard_size=256)
 # The method's loss defaults (beta 2, gamma 0.5, eps 0.1, d 0, lambda_sft 0.5); a learning rate and epochs for a
 # 1 M-parameter model trained for seconds, chosen on the world's validation split (experiments/toy_world.py,
 # BUDGET_SELECTION), and no DeepSpeed or checkpointing on CPU.
 LEANPO = dict(objective="leanpo", learning_rate=5e-4, warmup_ratio=0.1, epochs=4, per_device_batch_size=8,
-              deepspeed="none", gradient_checkpointing=False, save_steps=100000, seed=0)
-EVALUATE = dict(split="test", max_new_tokens=8, max_model_len=1024, batch_size=16)
+              deepspeed="none", gradient_checkpointing=False, save_steps=100000, seed=0, persist_vision_features=True)
+EVALUATE = dict(split="test", max_new_tokens=8, max_model_len=1024, batch_size=16, persist_vision_features=True)
 
 
 @task

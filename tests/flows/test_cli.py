@@ -42,7 +42,7 @@ def test_demo_runs_the_pipeline_through_prefect(tmp_path):
     pairs = io.read_table(str(round0 / "pairs.parquet"), schemas.PAIRS)
     assert videos.num_rows == 12 and set(videos.column("split").to_pylist()) == {"train"}
     assert frames.num_rows == len(set(videos.column("video").to_pylist()))  # one decode per clip
-    assert samples.num_rows == scored.num_rows == 4 * videos.num_rows  # 2 candidates x 2 sides
+    assert samples.num_rows == scored.num_rows == 8 * videos.num_rows  # 4 candidates x 2 sides
     assert pairs.num_rows == videos.num_rows
     for pair in pairs.to_pylist():  # every pair is kept, or dropped with a reason
         assert pair["kept"] or pair["drop_reason"]
@@ -73,6 +73,11 @@ def test_demo_runs_the_pipeline_through_prefect(tmp_path):
     trained = re.compile(r"trained \d+ step\(s\), final loss")  # the training process's own summary line
     assert trained.search(log) and not trained.search(console)
     assert "Loading weights" not in console + log and "Writing model shards" not in console + log
+    # The clips' vision features, stored by the reflect pass beside the frames table, serve training (no tower run)
+    # and the second evaluated model.
+    assert re.search(r"train: vision features: 0 video\(s\) through the tower, \d+ reuse\(s\) in memory, "
+                     r"[1-9]\d* read from and 0 written to " + re.escape(str(round0 / "vision_features")), log), log
+    assert re.search(r"evaluate: .*: vision features: 0 video\(s\) through the tower.* [1-9]\d* read from", log), log
     assert len(console.splitlines()) < 120, console
 
 
