@@ -82,7 +82,7 @@ class FeatureStore:
     same video at once store the same bytes. Counts objects loaded and saved."""
 
     def __init__(self, uri: str, options: io.StorageOptions | None = None):
-        self.uri, self.options, self.loaded, self.saved = uri, options, 0, 0
+        self.uri, self.options, self.loaded, self.saved, self.damaged = uri, options, 0, 0, 0
 
     def name(self, tower: str, inputs: Mapping[str, torch.Tensor]) -> str:
         """The object of one video: `<tower digest[:16]>/<sha256 of its vision inputs>.safetensors`."""
@@ -93,15 +93,22 @@ class FeatureStore:
         return io.join_uri(self.uri, tower[:16], f"{digest.hexdigest()}.safetensors")
 
     def load(self, name: str) -> tuple[torch.Tensor, bool] | None:
-        """(features, stacked) stored under `name`, or None when there is none."""
+        """(features, stacked) stored under `name`, or None when there is none or it cannot be read as features (a
+        damaged object is then computed again and overwritten, never used)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
         try:
             data = io.read_bytes(name, self.options)
         except FileNotFoundError:
             return None
+        try:
+            value, stacked = load(data)["features"], _metadata(data).get("stacked") == "1"
+        except (SafetensorError, ValueError, KeyError):
+            self.damaged += 1
+            return None
         self.loaded += 1
-        return load(data)["features"], _metadata(data).get("stacked") == "1"
+        return value, stacked
 
     def save(self, name: str, value: torch.Tensor, stacked: bool) -> None:
         from safetensors.torch import save
@@ -141,6 +148,8 @@ class FeatureCache:
         line = f"vision features: {self.computed} video(s) through the tower, {self.hits} reuse(s) in memory"
         if self.store is not None:
             line += f", {self.store.loaded} read from and {self.store.saved} written to {self.store.uri}"
+            if self.store.damaged:
+                line += f" ({self.store.damaged} damaged object(s) there computed again)"
         return line
 
     def __len__(self) -> int:

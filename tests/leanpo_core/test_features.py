@@ -93,6 +93,10 @@ def test_persisted_features_serve_the_next_process(family, loaded, video, tmp_pa
 
 
 def test_store_on_s3_keeps_features_and_their_form(s3_root):
+    from safetensors.torch import save
+
+    from leanpo_core import io
+
     store = features.FeatureStore(f"{s3_root}/vision_features")
     value = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
     name = store.name("d" * 64, {"pixel_values_videos": torch.ones(2, 3), "video_grid_thw": torch.tensor([[1, 2, 2]])})
@@ -103,6 +107,10 @@ def test_store_on_s3_keeps_features_and_their_form(s3_root):
     other = store.name("d" * 64, {"pixel_values_videos": torch.ones(2, 3) * 2,
                                   "video_grid_thw": torch.tensor([[1, 2, 2]])})
     assert other != name and store.load(other) is None
+    for damaged in (b"not safetensors", b"\x08" + b"\x00" * 7 + b"{broken}", save({"other": value})):
+        io.write_bytes(other, damaged)
+        assert store.load(other) is None  # computed again and overwritten, never used
+    assert (store.loaded, store.damaged) == (1, 3)
     assert features.store_uri(f"{s3_root}/run/frames/") == f"{s3_root}/run/vision_features"
 
 
