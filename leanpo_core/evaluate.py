@@ -301,8 +301,10 @@ def run_evaluate(model: str, videos_uri: str, frames_uri: str, pairs_uri: str | 
     pair_split = _split_label(pair_items, videos_uri, options) if pairs_uri else ""
     models_ = [model] + ([baseline_model] if baseline_model else [])
     # Likelihoods first for every model, generation after: see the module docstring.
-    rbars = {m: (score(m, pair_items, config, frames_uri, options), score(m, questions, config, frames_uri, options))
-             for m in models_}
+    rbars = {}
+    for m in models_:  # one load of each model for both passes: its held-out pairs, then the questions
+        scores = score(m, pair_items + questions, config, frames_uri, options)
+        rbars[m] = (scores[:len(pair_items)], scores[len(pair_items):])
     rows, records, bench_records = [], {}, {}
     for m in models_:
         pair_rbar, answer_rbar = rbars[m]
