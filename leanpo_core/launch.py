@@ -191,7 +191,7 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Non
     _kill_group(proc, grace_s)  # the leader is gone; stray children of the group must not outlive it
     if proc.returncode != 0:
         rank, rank_code = _failed_rank(launcher_lines)
-        raise LaunchError(f"{' '.join(cmd[:4])} ... failed with {_how(proc.returncode)}", proc.returncode,
+        raise LaunchError(f"{_describe(cmd)} ... failed with {_how(proc.returncode)}", proc.returncode,
                           list(tail), rank, rank_code, list(by_rank.get(rank, ())) if rank is not None else None)
 
 
@@ -203,17 +203,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOOPBACK_STORE = "leanpo_core.loopback_store"
+
+
+def _describe(cmd: Sequence[str]) -> str:
+    """The start of `cmd` for a message, without the loopback-store wrapper in front of torchrun."""
+    words = list(cmd)
+    if words[1:4] == ["-m", LOOPBACK_STORE, "--port"]:
+        words = [words[0], "-m", *words[5:]]
+    return " ".join(words[:4])
+
+
 def distributed_command(module: str, args: Sequence[str], *, nproc_per_node: int = 1, launcher: str = "torchrun",
                         hostfile: str | None = None, master_port: int | None = None) -> list[str]:
     """The command that runs `python -m module args` under `launcher`, with this interpreter.
 
     - "python": one plain process (nproc_per_node must be 1, no hostfile).
-    - "torchrun" (`python -m torch.distributed.run`): one node, `nproc_per_node` ranks; `--standalone` lets the
-      rendezvous pick a free port on localhost unless `master_port` is given (then `--master_addr 127.0.0.1`);
-      `--local-addr 127.0.0.1` makes the ranks reach the launcher's store on loopback (MASTER_ADDR), not on the
-      host's name; `--tee 3` prefixes each rank's lines with `[default<rank>]:`, which `run` uses to report the
-      failed rank's own lines. Multi-node torchrun needs the same command on every node with a rendezvous
-      endpoint; use "deepspeed" with a hostfile for that.
+    - "torchrun" (`python -m torch.distributed.run`): one node, `nproc_per_node` ranks, static rendezvous on
+      127.0.0.1 and `master_port` (a free one unless given); `--local-addr 127.0.0.1` makes the ranks reach the
+      launcher's store on loopback (MASTER_ADDR), not on the host's name; `--tee 3` prefixes each rank's lines
+      with `[default<rank>]:`, which `run` uses to report the failed rank's own lines. Multi-node torchrun needs
+      the same command on every node with a rendezvous endpoint; use "deepspeed" with a hostfile for that.
     - "deepspeed" (`python -m deepspeed.launcher.runner`, what the `deepspeed` console script runs): `--num_gpus`
       ranks per node (on a CPU-only machine DeepSpeed's CPU accelerator counts ranks, not devices, and the ranks
       talk over gloo), `--master_port` (a free one unless given), `--hostfile` for several nodes (the runner then
@@ -222,9 +232,10 @@ def distributed_command(module: str, args: Sequence[str], *, nproc_per_node: int
       its hosts, which cannot reach that address: pass it as `hostfile` for a multi-node run. The module gets
       `--local_rank=<n>`.
 
-    The rendezvous addresses are loopback, but torch's TCPStore server (torchrun's launcher, DeepSpeed's rank 0)
-    listens on every interface whatever address it is given (torch 2.13), so a single-node launch still has one
-    port open beyond loopback while it runs.
+    torch's TCPStore server listens on every interface whatever address it is given (torch 2.13), so a
+    single-node launch runs the process that hosts it (torchrun's launcher; DeepSpeed's rank 0) through
+    `leanpo_core.loopback_store`, which binds the store to 127.0.0.1 first: nothing the launch opens listens
+    beyond loopback. A multi-node launch (a hostfile) needs the store reachable and is run as it is.
     """
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
@@ -237,13 +248,14 @@ def distributed_command(module: str, args: Sequence[str], *, nproc_per_node: int
     if launcher == "torchrun":
         if hostfile:
             raise ValueError("a hostfile is for launcher 'deepspeed'; torchrun runs on each node with a rendezvous")
-        rendezvous = (["--standalone"] if master_port is None else
-                      ["--master_addr", "127.0.0.1", "--master_port", str(master_port)])
-        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--local-addr", "127.0.0.1",
+        port = str(master_port or free_port())
+        return [sys.executable, "-m", LOOPBACK_STORE, "--port", port, "torch.distributed.run",
+                "--master_addr", "127.0.0.1", "--master_port", port, "--local-addr", "127.0.0.1",
                 "--nproc_per_node", str(nproc_per_node), "--tee", "3", "-m", module, *args]
     nodes = ["--hostfile", hostfile] if hostfile else ["--master_addr", "127.0.0.1"]
+    shim = [] if hostfile else [LOOPBACK_STORE]
     return [sys.executable, "-m", "deepspeed.launcher.runner", *nodes, "--num_gpus", str(nproc_per_node),
-            "--master_port", str(master_port or free_port()), "--module", module, *args]
+            "--master_port", str(master_port or free_port()), "--module", *shim, module, *args]
 
 
 def run_module(module: str, args: Sequence[str] = (), *, launcher: str = "python", nproc_per_node: int = 1,

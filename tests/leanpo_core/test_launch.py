@@ -62,14 +62,19 @@ def test_distributed_command_for_each_launcher():
 
     assert distributed_command("m", ["--a", "1"], launcher="python") == [sys.executable, "-m", "m", "--a", "1"]
     torchrun = distributed_command("m", ["--a"], nproc_per_node=2)
-    assert torchrun[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" in torchrun
+    port = torchrun[4]
+    assert torchrun[:6] == [sys.executable, "-m", "leanpo_core.loopback_store", "--port", port, "torch.distributed.run"]
+    assert torchrun[torchrun.index("--master_port") + 1] == port and "--standalone" not in torchrun
+    assert torchrun[torchrun.index("--master_addr") + 1] == "127.0.0.1"
     assert torchrun[torchrun.index("--nproc_per_node") + 1] == "2" and torchrun[-3:] == ["-m", "m", "--a"]
     fixed = distributed_command("m", [], nproc_per_node=2, master_port=29999)
-    assert "--standalone" not in fixed and fixed[fixed.index("--master_port") + 1] == "29999"
+    assert fixed[4] == fixed[fixed.index("--master_port") + 1] == "29999"
     ds = distributed_command("m", ["--a"], nproc_per_node=2, launcher="deepspeed", hostfile="hosts")
     assert ds[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"] and ds[-3:] == ["--module", "m", "--a"]
     assert ds[ds.index("--num_gpus") + 1] == "2" and ds[ds.index("--hostfile") + 1] == "hosts"
-    ports = {int(distributed_command("m", [], launcher="deepspeed")[-3]) for _ in range(2)}
+    one_node = distributed_command("m", ["--a"], nproc_per_node=2, launcher="deepspeed")
+    assert one_node[-4:] == ["--module", "leanpo_core.loopback_store", "m", "--a"]
+    ports = {int(distributed_command("m", [], launcher="deepspeed")[-4]) for _ in range(2)}
     assert all(1024 < p < 65536 for p in ports)
     for bad in (dict(launcher="python", nproc_per_node=2), dict(launcher="torchrun", hostfile="hosts"),
                 dict(launcher="mpirun"), dict(nproc_per_node=0)):
@@ -166,9 +171,8 @@ def _loopback(address: str) -> bool:
 def test_single_node_launch_rendezvous_on_loopback(launcher, tmp_path):
     """A real 2-rank gloo launch, its sockets read while both ranks wait in the group: the ranks are told
     MASTER_ADDR 127.0.0.1, every TCP connection of the launched tree joins two loopback addresses, and every
-    listening socket is on loopback, except the rendezvous store (torchrun's launcher process, DeepSpeed's rank 0
-    on MASTER_PORT): torch's TCPStore server binds every interface whatever address it is given. That one is
-    reported as an expected failure, so the test passes outright the day the store binds loopback."""
+    listening socket is on loopback, the rendezvous store (torchrun's launcher process, DeepSpeed's rank 0 on
+    MASTER_PORT) included: torch's own TCPStore server would bind every interface (`leanpo_core.loopback_store`)."""
     import threading
 
     import psutil
@@ -210,12 +214,9 @@ def test_single_node_launch_rendezvous_on_loopback(launcher, tmp_path):
     listening = [(pid, in_launcher, conn.laddr) for pid, in_launcher, conn in sockets
                  if conn.status == psutil.CONN_LISTEN]
     assert len(listening) >= 3, listening  # the store, and each rank's gloo pair
-    wide = [(pid, address) for pid, in_launcher, address in listening if not _loopback(address.ip)]
-    stores = [(pid, address) for pid, in_launcher, address in listening
-              if in_launcher or address.port == master_port]
-    assert all(socket in stores for socket in wide), wide
-    if wide:
-        pytest.xfail(f"torch's TCPStore server listens on every interface: {wide}")
+    stores = [address for pid, in_launcher, address in listening if in_launcher or address.port == master_port]
+    assert stores and all(_loopback(address.ip) for address in stores), listening
+    assert all(_loopback(address.ip) for _, _, address in listening), listening
 
 
 def test_stage_dies_with_its_launcher(tmp_path):
