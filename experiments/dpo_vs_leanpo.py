@@ -396,6 +396,21 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}){memory}, no GPU"
 
 
+def code_version() -> str:
+    """The commit the code runs from, and whether tracked files differ from it ("git 1a2b3c4d5e6f, clean")."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"git {sha[:12]}, " + ("with uncommitted changes to tracked files" if dirty else "clean")
+
+
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.dpo_vs_leanpo import Run, _stop, machine, plot_sides, versions
+from experiments.dpo_vs_leanpo import Run, _stop, code_version, machine, plot_sides, versions
 from leanpo_core import io, schemas, stats, toyworld
 from leanpo_core.evaluate import answer_match, answers_uri
 from leanpo_core.pairs import pair_row
@@ -379,7 +379,8 @@ def results(run: Run, command: str) -> dict:
             values = [r[f"displacement/{side}"] for r in tail if r[f"displacement/{side}"] is not None]
             likelihood[arm][side] = sum(values) / len(values) if values else math.nan
     blind = toyworld.blind_baselines(toyworld.WorldSettings(), "test")
-    return {"plan": plan(run.args), "command": command, "machine": machine(), "versions": versions(),
+    return {"plan": plan(run.args), "command": command, "code": (run.out / "code.txt").read_text(),
+            "machine": machine(), "versions": versions(),
             "phases": run.timings, "pairs": {s: pair_stats(run, s) for s in ("train", "validation")},
             "arms": arms, "smoothing_gate_active_fraction": gates, "final_displacement": likelihood,
             "rounds": round_results(run), "blind_baselines_test": blind}
@@ -393,8 +394,8 @@ def report(data: dict, pngs: list[str]) -> str:
     arms = data["arms"]
     seconds = sum(p["seconds"] for p in data["phases"].values())
     lines = ["# Toy world: does a LeanPO round beat the SFT model and the controls?", "",
-             f"Command: `{data['command']}`  ", f"Machine: {data['machine']}; {data['versions']}  ",
-             f"Wall time of the phases: {seconds / 60:.1f} min", "",
+             f"Command: `{data['command']}`  ", f"Code: {data['code']} (when its first phase started)  ",
+             f"Machine: {data['machine']}; {data['versions']}  ", f"Wall time of the phases: {seconds / 60:.1f} min", "",
              "## Plan (fixed before training; nothing chosen on the test split)", "", "```yaml",
              yaml.safe_dump(data["plan"], sort_keys=True).strip(), "```", "",
              "## Held-out answer accuracy (test split)", "",
@@ -484,6 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join([".venv/bin/python -m experiments.toy_world", *(sys.argv[1:] if argv is None else argv)])
     (run.out / "plan.json").write_text(json.dumps(plan(args), indent=2, sort_keys=True))
+    if not (run.out / "code.txt").exists():  # the code the first phase ran from; a resumed run keeps it
+        (run.out / "code.txt").write_text(code_version())
     done = lambda *parts: run.out.joinpath(*parts).exists()  # noqa: E731
     run.phase("setup", done("frames") and done("sft-model.txt"), lambda: setup(run))
     for split in ("train", "validation"):
