@@ -169,7 +169,7 @@ class FamilyAdapter:
         return [tuple(video.shape) for video in inputs[VIDEO_PIXELS]]
 
     def shared_video_hidden_states(self, model, batch: Mapping[str, Any], copies: int, features=None,
-                                   **overrides: torch.Tensor) -> torch.Tensor:
+                                   **overrides: Any) -> torch.Tensor:
         """Last hidden states (copies*B, L, hidden) of sequences that reuse B videos, the vision tower run once.
 
         batch: per-token tensors of copies*B rows (row c*B + b shows video b; e.g. B chosen then B rejected) and the
@@ -177,7 +177,8 @@ class FamilyAdapter:
         precomputed encoder outputs (transformers 5's `mm_encoder_outputs`), so the model itself scatters them at
         the placeholders and builds its positions (Qwen: the 3-D rope index of `prepare_model`), as in `model(...)`.
         `features`: the vision output when already computed (`features.cached_video_features`); `overrides`
-        replace backbone inputs (`prefix.pair_logps` passes a 4-D attention_mask and position_ids).
+        replace backbone inputs (`prefix.pair_logps` passes a 4-D attention_mask, position_ids and the joined rows'
+        lengths for its attention).
         """
         features = features if features is not None else self.video_features(model, batch)
         pooled = features.pooler_output  # Qwen, LLaVA-NeXT-Video: one tensor per video; OneVision: (B, tokens, H)

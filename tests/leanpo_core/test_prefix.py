@@ -57,6 +57,53 @@ def test_mask_positions_and_score_index_by_hand():
         (1, 1, 30, 1), (1, 1, 40, 3)]
 
 
+def test_split_attention_is_the_masked_attention():
+    """`split_attention` on joined rows (2 and 3 responses, padding, grouped key/value heads) equals SDPA under the
+    rows' 4-D mask at every real position (fp64), and its gradients too; without lengths it is SDPA itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Attention(torch.nn.Module):
+        num_key_value_groups, is_causal = 2, True
+
+    lengths = torch.tensor([[5, 3, 4, 2], [4, 2, 3, 0]])  # row 1: a pair, 4 padding positions
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 14, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+               for heads in (4, 2, 2))
+    module = Attention()
+    masked = sdpa_attention_forward(module, q, k, v, prefix.attention_mask(lengths, 14, "sdpa"))[0]
+    split = prefix.split_attention(module, q, k, v, None, joined_lengths=tuple(map(tuple, lengths.tolist())))[0]
+    real = (torch.arange(14)[None, :] < lengths.sum(1)[:, None])[..., None, None]
+    torch.testing.assert_close(split * real, masked * real, atol=1e-12, rtol=0)
+    weights = torch.randn(masked.shape, dtype=torch.float64, generator=generator) * real
+    grads = [torch.autograd.grad((out * weights).sum(), (q, k, v)) for out in (masked, split)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    plain = prefix.split_attention(module, q, k, v, None)[0]
+    torch.testing.assert_close(plain, sdpa_attention_forward(module, q, k, v, None)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_joined_rows_attend_in_parts(family, loaded, video, monkeypatch):
+    """On SDPA the language model attends a joined row in parts (`split_attention`): no attention over the whole
+    row under its 4-D mask."""
+    from transformers.integrations import sdpa_attention
+
+    model, processor, adapter = loaded(family)
+    _, joined = _batches(processor, _items(processor, adapter, video))
+    calls, original = [], sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda module, q, k, v, mask, **kw: calls.append((q.shape[2], mask is None))
+                        or original(module, q, k, v, mask, **kw))
+    with torch.no_grad():
+        train.pair_logps(model, adapter, joined)
+    assert prefix.attention_implementation(model) == "sdpa"
+    assert models.unwrap(model).get_decoder().config._attn_implementation == prefix.SPLIT_ATTENTION
+    width = joined["input_ids"].shape[1]
+    layers = models.unwrap(model).get_decoder().config.num_hidden_layers
+    assert len(calls) == 2 * 2 * layers  # 2 rows x (prompt + chosen causal, rejected over prompt and itself)
+    assert all(length < width for length, _ in calls) and sum(causal for _, causal in calls) == 2 * layers
+
+
 class _QwenLike:
     def __init__(self):
         self.mrope = True
