@@ -40,6 +40,11 @@ LENGTHS = "pair_lengths"
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 # The language model's attention while prefix sharing runs on SDPA (`split_attention`), registered with transformers.
 SPLIT_ATTENTION = "leanpo_split_sdpa"
+# Joined rows at least this long are attended in parts; shorter ones in one masked call. On PyTorch's CPU kernel a
+# causal call over a 431-position row costs 0.89x the masked one, too little to pay for the extra operations: split
+# is 1.15x the masked call there, 0.76x at 1200 positions, 0.56x at 2560 (forward + backward, one thread:
+# bench/results/split_attention.md). A real video row (32 frames) is several thousand positions long.
+SPLIT_MIN_LENGTH = 1024
 
 
 def attention_implementation(model) -> str:
@@ -152,40 +157,52 @@ def split_attention(module, query: Tensor, key: Tensor, value: Tensor, attention
                     joined_lengths: tuple[tuple[int, ...], ...] | None = None, **kwargs) -> tuple[Tensor, None]:
     """SDPA over joined rows without computing the scores their 4-D mask throws away.
 
-    With `joined_lengths` (per row its token counts (P, R1, ..., Rn), as `pair_logps` passes them), each row is
-    attended in parts: the prompt and the first response as one causal attention without a mask (the kernel skips
-    the upper triangle; on CUDA it is the flash kernel), then each further response's queries over the prompt's keys
-    and their own (a mask of R x (P + R)). These are the keys `allowed_keys` allows, so the output is the masked
-    attention's up to float summation order, for (P + R1)^2 / 2 + R2 (P + R2) + ... scores instead of L^2: for a
-    2048-token prompt and two 256-token responses, 3.2 M instead of 6.6 M. Padding queries get zeros (never read,
-    and no real query sees their keys). Without `joined_lengths` (every other forward) this is transformers' SDPA.
+    With `joined_lengths` (per row its token counts (P, R1, ..., Rn), as `pair_logps` passes them) the batch is
+    attended in parts, each part one kernel call for all rows: the prompts and first responses as plain causal
+    attention without a mask (the kernel skips the upper triangle; on CUDA it is the flash kernel), then for each
+    further response its queries, gathered from every row, over the prompt's keys and their own (a mask of
+    R x (P + R)), written back in place. These are the keys `allowed_keys` allows, so the output is the masked
+    attention's up to float summation order, for about (P + R1)^2 / 2 + R2 (P + R2) + ... scores instead of L^2:
+    for a 2048-token prompt and two 256-token responses, 3.2 M instead of 6.6 M. Padding queries get values never
+    read (no real query sees their keys). Without `joined_lengths` (every other forward) this is transformers' SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling,
-                                      is_causal=mask is None, **kwargs)[0]
 
     if joined_lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    rows = []
-    for b, (prompt, *responses) in enumerate(joined_lengths):
-        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
-        start = prompt + responses[0]
-        parts = [sdpa(q[:, :, :start], k[:, :, :start], v[:, :, :start], None)]
-        for size in responses[1:]:
-            if not size:
-                continue
-            end = start + size
-            mask = torch.ones(size, prompt + size, dtype=torch.bool, device=query.device).tril(prompt)
-            parts.append(sdpa(q[:, :, start:end], torch.cat([k[:, :, :prompt], k[:, :, start:end]], dim=2),
-                              torch.cat([v[:, :, :prompt], v[:, :, start:end]], dim=2), mask[None, None]))
-            start = end
-        if start < query.shape[2]:
-            parts.append(parts[0].new_zeros(1, query.shape[2] - start, *parts[0].shape[2:]))
-        rows.append(torch.cat(parts, dim=1))
-    return torch.cat(rows, dim=0), None
+    sizes = torch.tensor(joined_lengths, device=query.device)                     # (B, S)
+    length, prompts = query.shape[2], sizes[:, 0]
+    width = int((sizes[:, 0] + sizes[:, 1]).max())
+    out = sdpa_attention_forward(module, query[:, :, :width], key[:, :, :width], value[:, :, :width], None,
+                                 dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]   # (B, W, H, D)
+    if width < length:
+        out = torch.cat([out, out.new_zeros(out.shape[0], length - width, *out.shape[2:])], dim=1)
+    prompt_width = int(prompts.max())
+    starts = sizes.cumsum(1)
+    for s in range(2, sizes.shape[1]):
+        count = int(sizes[:, s].max())
+        if not count:
+            continue
+        step = torch.arange(count, device=query.device)
+        valid = step[None, :] < sizes[:, s, None]                                 # (B, R)
+        index = (starts[:, s - 1, None] + step[None, :]).clamp(max=length - 1)     # (B, R)
+
+        def gather(x: Tensor) -> Tensor:
+            return x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], count, x.shape[3]))
+
+        keys = torch.cat([key[:, :, :prompt_width], gather(key)], dim=2)
+        values = torch.cat([value[:, :, :prompt_width], gather(value)], dim=2)
+        own = (step[None, :] <= step[:, None])[None] & valid[:, None, :]          # (B, R, R)
+        in_prompt = (torch.arange(prompt_width, device=query.device)[None, :] < prompts[:, None])[:, None, :]
+        mask = torch.cat([in_prompt.expand(-1, count, -1), own], dim=2)[:, None]  # (B, 1, R, P + R)
+        part = sdpa_attention_forward(module, gather(query), keys, values, mask, dropout=dropout, scaling=scaling,
+                                      is_causal=False, **kwargs)[0]               # (B, R, H, D)
+        placed = torch.zeros_like(out).scatter_add(
+            1, index[:, :, None, None].expand_as(part), part * valid[:, :, None, None])
+        mine = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device).scatter(1, index, valid)
+        out = torch.where(mine[:, :, None, None], placed, out)
+    return out, None
 
 
 def use_split_attention(model) -> bool:
@@ -313,7 +330,8 @@ def pair_logps(model, adapter: models.FamilyAdapter | None, batch: dict, chunk_s
         rows, hidden_pos = packing.index(rows, hidden_pos)
         ids = batch["input_ids"]
     inputs = {"attention_mask": for_implementation(allowed, implementation), "position_ids": position_ids}
-    if not pack_tokens and implementation == "sdpa" and use_split_attention(model):
+    split = not pack_tokens and implementation == "sdpa" and ids.shape[1] >= SPLIT_MIN_LENGTH
+    if split and use_split_attention(model):
         inputs["joined_lengths"] = tuple(tuple(row) for row in lengths.tolist())
     if adapter is None:
         hidden = models.unwrap(model).model(input_ids=ids, **inputs).last_hidden_state

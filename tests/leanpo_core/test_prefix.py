@@ -65,7 +65,7 @@ def test_split_attention_is_the_masked_attention():
     class Attention(torch.nn.Module):
         num_key_value_groups, is_causal = 2, True
 
-    lengths = torch.tensor([[5, 3, 4, 2], [4, 2, 3, 0]])  # row 1: a pair, 4 padding positions
+    lengths = torch.tensor([[5, 3, 4, 2], [4, 2, 3, 0]])  # row 1: a pair with a shorter prompt, 5 padding positions
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, heads, 14, 8, dtype=torch.float64, generator=generator, requires_grad=True)
                for heads in (4, 2, 2))
@@ -84,8 +84,9 @@ def test_split_attention_is_the_masked_attention():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_joined_rows_attend_in_parts(family, loaded, video, monkeypatch):
-    """On SDPA the language model attends a joined row in parts (`split_attention`): no attention over the whole
-    row under its 4-D mask."""
+    """On SDPA the language model attends joined rows of `SPLIT_MIN_LENGTH` positions or more in parts
+    (`split_attention`), each part one call for the whole batch, never over the whole row under its 4-D mask, and
+    gives the log-probs of the masked call (1e-5); shorter rows take the masked call."""
     from transformers.integrations import sdpa_attention
 
     model, processor, adapter = loaded(family)
@@ -94,14 +95,20 @@ def test_joined_rows_attend_in_parts(family, loaded, video, monkeypatch):
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
                         lambda module, q, k, v, mask, **kw: calls.append((q.shape[2], mask is None))
                         or original(module, q, k, v, mask, **kw))
+    width = joined["input_ids"].shape[1]
+    assert width < prefix.SPLIT_MIN_LENGTH  # the toys' rows are short: one masked call
     with torch.no_grad():
-        train.pair_logps(model, adapter, joined)
+        masked = train.pair_logps(model, adapter, joined)
+        assert calls == []
+        monkeypatch.setattr(prefix, "SPLIT_MIN_LENGTH", width)
+        split = train.pair_logps(model, adapter, joined)
+    assert torch.equal(split[1], masked[1])
+    torch.testing.assert_close(split[0], masked[0], atol=1e-5, rtol=0)
     assert prefix.attention_implementation(model) == "sdpa"
     assert models.unwrap(model).get_decoder().config._attn_implementation == prefix.SPLIT_ATTENTION
-    width = joined["input_ids"].shape[1]
     layers = models.unwrap(model).get_decoder().config.num_hidden_layers
-    assert len(calls) == 2 * 2 * layers  # 2 rows x (prompt + chosen causal, rejected over prompt and itself)
-    assert all(length < width for length, _ in calls) and sum(causal for _, causal in calls) == 2 * layers
+    assert len(calls) == 2 * layers  # per layer, for both rows at once: prompt + chosen causal, rejected over the
+    assert all(length < width for length, _ in calls) and sum(causal for _, causal in calls) == layers  # prompt
 
 
 class _QwenLike:
