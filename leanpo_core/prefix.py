@@ -319,20 +319,23 @@ def pair_logps(model, adapter: models.FamilyAdapter | None, batch: dict, chunk_s
     """
     lengths, ids = batch[LENGTHS], batch["input_ids"]
     implementation = attention_implementation(model)
-    allowed = allowed_keys(lengths.to(ids.device), ids.shape[1])
     position_ids = positions(model, adapter, batch, lengths)
     rows, hidden_pos, targets, sequences = score_index(batch["labels"], lengths)
-    if pack_tokens:
-        packing = Packing.plan(lengths.sum(1).tolist(), pack_tokens)
-        batch = {k: packing.tokens(v, models.padding_value(k)) if models.is_per_token(k) else v
-                 for k, v in batch.items()}
-        allowed, position_ids = packing.mask(allowed), packing.tokens(position_ids, 0)
-        rows, hidden_pos = packing.index(rows, hidden_pos)
-        ids = batch["input_ids"]
-    inputs = {"attention_mask": for_implementation(allowed, implementation), "position_ids": position_ids}
-    split = not pack_tokens and implementation == "sdpa" and ids.shape[1] >= SPLIT_MIN_LENGTH
-    if split and use_split_attention(model):
-        inputs["joined_lengths"] = tuple(tuple(row) for row in lengths.tolist())
+    split = (not pack_tokens and implementation == "sdpa" and ids.shape[1] >= SPLIT_MIN_LENGTH
+             and use_split_attention(model))
+    if split:  # no (L x L) mask at all: split_attention reads the rows' lengths
+        inputs = {"attention_mask": None, "joined_lengths": tuple(tuple(row) for row in lengths.tolist())}
+    else:
+        allowed = allowed_keys(lengths.to(ids.device), ids.shape[1])
+        if pack_tokens:
+            packing = Packing.plan(lengths.sum(1).tolist(), pack_tokens)
+            batch = {k: packing.tokens(v, models.padding_value(k)) if models.is_per_token(k) else v
+                     for k, v in batch.items()}
+            allowed, position_ids = packing.mask(allowed), packing.tokens(position_ids, 0)
+            rows, hidden_pos = packing.index(rows, hidden_pos)
+            ids = batch["input_ids"]
+        inputs = {"attention_mask": for_implementation(allowed, implementation)}
+    inputs["position_ids"] = position_ids
     if adapter is None:
         hidden = models.unwrap(model).model(input_ids=ids, **inputs).last_hidden_state
     else:
