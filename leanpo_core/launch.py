@@ -334,9 +334,10 @@ def stage_entry(main: Callable[[], Any], hard_exit: bool = False) -> None:
 
     hard_exit: after `main()` returns or fails on bad input, flush stdout/stderr and end with `os._exit` (0 or
     EXIT_BAD_INPUT), skipping interpreter teardown. For stages whose every output is already committed (io's fsync +
-    rename) when `main` returns and that hold no engine or process group: pyarrow's thread pools race at interpreter
-    exit ("terminate called without an active exception", SIGABRT) in 3-4 of 40 runs of the pairs stage on the 2-core
-    VM, after its table was written, and once in a CI run of `leanpo_core.export` after its one-line refusal.
+    rename) when `main` returns and that hold no engine or process group (training leaves its group before): pyarrow's
+    thread pools race at interpreter exit ("terminate called without an active exception", SIGABRT) in 3-4 of 40 runs
+    of the pairs stage on the 2-core VM, after its table was written, once in a CI run of `leanpo_core.export` after
+    its one-line refusal, and once in a CI run's training rank 1 after its report.
     """
     from pydantic import ValidationError
 

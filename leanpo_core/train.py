@@ -442,10 +442,15 @@ def main(argv: list[str] | None = None) -> TrainResult:
     stagecli.report(args, [f"trained {result.steps} step(s), final loss {result.final_loss:.4f}",
                            f"model: {result.model_dir}"],
                     {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "model"})
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 has written the model and metrics; then every rank leaves the group
+        torch.distributed.destroy_process_group()
     return result
 
 
 if __name__ == "__main__":
     from leanpo_core.launch import stage_entry
 
-    stage_entry(main)
+    # Everything is written and the process group left when main returns: end without interpreter teardown, where
+    # pyarrow's thread pools can abort a rank that has finished (stage_entry).
+    stage_entry(main, hard_exit=True)
