@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ import pyarrow as pa
 
 from leanpo_core.config import read_document
 from leanpo_core.launch import VERBOSE_ENV, child_environment
+from leanpo_core.loopback_store import is_loopback
 
 FLOWS = {"data-refresh": ("flows.data_refresh", "data_refresh"), "train": ("flows.train", "train_flow"),
          "pipeline": ("flows.pipeline", "pipeline"), "export": ("flows.export", "export_flow")}
@@ -177,19 +177,6 @@ def check_plan(name: str, config: str, gpus: int, gpu_memory_gib: float) -> None
         lines = "\n".join(f"  {r.stage} at {r.frames} frames: {r.peak_gib:.1f} GiB; {r.advice}" for r in refused)
         raise ConfigError(f"{len(refused)} stage(s) would not fit {gpus} GPU(s) x {gpu_memory_gib:g} GiB; nothing "
                           f"started:\n{lines}")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or a name, resolved here: nothing is bound) names loopback addresses only."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except socket.gaierror:
-        return False
-    return all(ipaddress.ip_address(address).is_loopback for address in addresses)
 
 
 def remote_warning(host: str, port: int) -> str | None:

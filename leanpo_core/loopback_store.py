@@ -26,11 +26,17 @@ import sys
 _HELD: list = []  # the store server and its socket, alive as long as the process
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name, resolved here: nothing is bound) names loopback addresses only."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host == "localhost"
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(address).is_loopback for address in addresses)
 
 
 def host_store(port: int) -> None:
@@ -56,7 +62,7 @@ def _store_port(argv: list[str]) -> tuple[int | None, list[str]]:
         return int(argv[1]), argv[2:]
     env = os.environ
     hosts = (env.get("RANK") == "0" and env.get("MASTER_PORT", "").isdigit()
-             and _loopback(env.get("MASTER_ADDR", "")) and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
+             and is_loopback(env.get("MASTER_ADDR", "")) and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
     return (int(env["MASTER_PORT"]) if hosts else None), argv
 
 
